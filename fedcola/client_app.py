@@ -1,0 +1,44 @@
+"""The fedcola ClientApp: handles each method's messages on a (virtual or real) SuperNode.
+
+The round's full config travels in every message (``config`` ConfigRecord), so a SuperNode needs only
+its own ``node_config`` (which partition or which local data it holds).
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedcola import config as cfg
+from fedcola import fedavg_lora, train
+
+app = ClientApp()
+
+
+def message_config(msg: Message) -> dict:
+    received = dict(msg.content.config_records["config"])
+    server_round = int(received.pop("server-round", 0))
+    config = cfg.from_run_config(received)
+    return config | {"server-round": server_round}
+
+
+def partition_of(context: Context) -> tuple[int, int]:
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError("this SuperNode's node config needs partition-id and num-partitions (e.g. --node-config 'partition-id=0 num-partitions=2')")
+    return int(node["partition-id"]), int(node["num-partitions"])
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    config = message_config(msg)
+    torch.set_num_threads(config["client.num-cpus"])
+    pid, n = partition_of(context)
+    state = msg.content.array_records["arrays"].to_torch_state_dict()
+    new_state, stats, num_examples = fedavg_lora.client_train(config, state, pid, n, config["server-round"])
+    metrics = MetricRecord({
+        "num-examples": num_examples, "train-loss": float(stats.loss), "flops": int(stats.flops),
+        "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": float(stats.wall_time_s), "partition-id": pid,
+    })
+    return Message(RecordDict({"arrays": ArrayRecord(new_state), "metrics": metrics}), reply_to=msg)

@@ -1,0 +1,126 @@
+"""Run configuration: one flat table of typed keys, shared by the CLI, ``flwr run`` and the apps.
+
+A config file (``simulations/<name>.toml``) may nest tables (``[lora] r = 8``) or use dotted keys
+(``"lora.r" = 8``); both flatten to ``lora.r``, the form Flower's run config uses. Every key has a
+default below; an unknown key or a value of the wrong type is a ``ConfigError`` with one line that
+says which key and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+Scalar = int | float | str | bool
+
+DEFAULTS: dict[str, Scalar] = {
+    "method": "fedavg_lora",
+    "model": "minilm",
+    "task": "classification",
+    "dataset": "rotten_tomatoes",
+    "data.text-column": "text",
+    "data.label-column": "label",
+    "data.max-length": 64,
+    "data.block-chars": 256,
+    "partitioning": "iid",
+    "num-clients": 4,
+    "fraction-train": 1.0,
+    "rounds": 3,
+    "seed": 0,
+    "local-steps": 20,
+    "batch-size": 16,
+    "lr": 2e-3,
+    "weight-decay": 0.0,
+    "optimizer": "adamw",
+    "lora.r": 8,
+    "lora.alpha": 16,
+    "lora.targets": "query,key,value,dense",
+    "eval.max-examples": 1000,
+    "eval.batch-size": 64,
+    "client.num-cpus": 1,
+    "out-dir": "runs",
+}
+
+METHODS = ("fedavg_lora",)
+
+
+class ConfigError(ValueError):
+    """A malformed configuration, reported in one line."""
+
+
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _typed(key: str, value: Any) -> Scalar:
+    """``value`` checked against the default's type (an int is accepted where a float is expected)."""
+    want = type(DEFAULTS[key])
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not want:
+        raise ConfigError(f"config key '{key}' expects {want.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_key(key: str) -> None:
+    if key not in DEFAULTS:
+        close = difflib.get_close_matches(key, DEFAULTS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{key}'{hint}; `fedcola keys` lists them all")
+
+
+def parse_value(text: str) -> Scalar:
+    """A ``--set`` value in TOML syntax (``8``, ``1e-3``, ``true``, ``"x"``); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
+    """Defaults updated by ``overrides``, every key and type validated."""
+    config = dict(DEFAULTS)
+    for key, value in flatten(overrides).items():
+        _check_key(key)
+        config[key] = _typed(key, value)
+    if config["method"] not in METHODS:
+        raise ConfigError(f"config key 'method': unknown method '{config['method']}', known: {', '.join(METHODS)}")
+    for key in ("num-clients", "rounds", "local-steps", "batch-size", "lora.r"):
+        if config[key] < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
+    if not 0.0 < config["fraction-train"] <= 1.0:
+        raise ConfigError(f"config key 'fraction-train' must be in (0, 1], got {config['fraction-train']}")
+    return config
+
+
+def load(path: str | Path, sets: list[str] = ()) -> dict[str, Scalar]:
+    """Read a TOML config and apply ``key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    overrides = flatten(table)
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        overrides[key.strip()] = parse_value(text.strip())
+    return build(overrides)
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> dict[str, Scalar]:
+    """The config a ServerApp / ClientApp receives from Flower (``context.run_config``)."""
+    return build({k: v for k, v in run_config.items()})

@@ -1,0 +1,92 @@
+"""FedAvg over peft LoRA adapters: the baseline every other method is compared with.
+
+Every client wraps the same frozen base model with peft LoRA (``lora.r``, ``lora.alpha`` on the
+``lora.targets`` modules; a classifier head is trained in full), trains ``local-steps`` steps on
+its partition, and returns its trainable tensors; the server averages them weighted by examples
+(McMahan et al. 2017), which is Flower's FedAvg.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from fedcola import data, models, train
+
+
+def lora_config(config: dict) -> LoraConfig:
+    task_type = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(config["task"])
+    return LoraConfig(
+        r=config["lora.r"], lora_alpha=config["lora.alpha"], lora_dropout=0.0,
+        target_modules=[t.strip() for t in config["lora.targets"].split(",") if t.strip()], task_type=task_type,
+    )
+
+
+def num_labels(config: dict) -> int | None:
+    splits = dataset_splits(config)
+    feature = splits["train"].features.get("label")
+    return feature.num_classes if feature is not None and hasattr(feature, "num_classes") else None
+
+
+def dataset_splits(config: dict):
+    return data.load_splits(
+        config["dataset"], seed=config["seed"], block_chars=config["data.block-chars"],
+        text_column=config["data.text-column"], label_column=config["data.label-column"],
+    )
+
+
+def build_model(config: dict) -> nn.Module:
+    """The peft-wrapped model with seeded LoRA and head initialisation."""
+    torch.manual_seed(config["seed"])
+    base = models.load_model(config["model"], config["task"], num_labels=num_labels(config))
+    try:
+        return get_peft_model(base, lora_config(config))
+    except ValueError as err:
+        raise ValueError(f"lora.targets '{config['lora.targets']}' do not fit model '{config['model']}': {err}") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(frozen_items: tuple) -> nn.Module:
+    return build_model(dict(frozen_items))
+
+
+MODEL_KEYS = ("model", "task", "dataset", "seed", "data.block-chars", "data.text-column", "data.label-column", "lora.r", "lora.alpha", "lora.targets")
+
+
+def cached_model(config: dict) -> nn.Module:
+    """One model per process and architecture: every round overwrites all its trainable tensors."""
+    return _cached_model(tuple((k, config[k]) for k in MODEL_KEYS))
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def loader(config: dict, ds, shuffle: bool, seed: int, batch_size: int | None = None):
+    tokenizer = None if config["task"] == "image-classification" else models.load_tokenizer(config["model"])
+    return train.make_loader(ds, tokenizer, config["task"], batch_size or config["batch-size"], config["data.max-length"], shuffle, seed)
+
+
+def client_partition(config: dict, partition_id: int, num_partitions: int):
+    return data.load_partition(dataset_splits(config)["train"], config["partitioning"], partition_id, num_partitions, config["seed"])
+
+
+def client_train(config: dict, state: dict[str, torch.Tensor], partition_id: int, num_partitions: int, server_round: int):
+    """One round of local LoRA training from the global state; returns the new state and its cost."""
+    model = cached_model(config)
+    load_trainable(model, state)
+    part = client_partition(config, partition_id, num_partitions)
+    batches = train.cycle(loader(config, part, shuffle=True, seed=config["seed"] * 1000 + server_round * 100 + partition_id))
+    optimizer = train.make_optimizer(config["optimizer"], [p for p in model.parameters() if p.requires_grad], config["lr"], config["weight-decay"])
+    stats = train.train_steps(model, batches, config["local-steps"], optimizer)
+    return trainable_state(model), stats, len(part)

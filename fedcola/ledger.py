@@ -1,0 +1,113 @@
+"""The cost ledger: one JSON results file per run (DESIGN.md, "The cost ledger"; schema in docs/ledger.md).
+
+Per round: the server's evaluation (loss, task metric), its FLOPs, peak memory and wall time, and per
+client: loss, task metric, examples, bytes up / down, FLOPs, peak memory, wall time; replies that were
+skipped, with the reason. The file is rewritten atomically after every round, so a crash never
+leaves a half-written ledger and no finished round is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "fedcola.ledger/1"
+CLIENT_FIELDS = ("node_id", "partition_id", "num_examples", "loss", "bytes_up", "bytes_down", "flops", "peak_memory_bytes", "wall_time_s")
+ROUND_FIELDS = ("round", "wall_time_s", "server", "clients", "skipped")
+
+
+class LedgerError(ValueError):
+    """A results file that does not follow the schema."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Ledger:
+    """Accumulates the rounds of one run and keeps ``path`` up to date."""
+
+    def __init__(self, path: str | Path, method: str, config: dict[str, Any]):
+        self.path = Path(path)
+        self.data: dict[str, Any] = {
+            "schema": SCHEMA,
+            "method": method,
+            "config": dict(config),
+            "status": "running",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "finished": None,
+            "rounds": [],
+            "summary": {},
+        }
+        self._round: dict[str, Any] | None = None
+        self._t0 = 0.0
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        return self.data["rounds"]
+
+    def begin_round(self, server_round: int) -> None:
+        self._round = {"round": server_round, "wall_time_s": 0.0, "server": {}, "clients": [], "skipped": []}
+        self._t0 = time.perf_counter()
+
+    def _current(self, server_round: int) -> dict[str, Any]:
+        if self._round is None or self._round["round"] != server_round:
+            self.begin_round(server_round)
+        return self._round
+
+    def client(self, server_round: int, record: dict[str, Any]) -> None:
+        self._current(server_round)["clients"].append(record)
+
+    def skipped(self, server_round: int, node_id: int, reason: str) -> None:
+        self._current(server_round)["skipped"].append({"node_id": node_id, "reason": reason})
+
+    def server(self, server_round: int, **values: Any) -> None:
+        self._current(server_round)["server"].update(values)
+
+    def end_round(self, server_round: int) -> None:
+        rnd = self._current(server_round)
+        rnd["wall_time_s"] = time.perf_counter() - self._t0
+        self.rounds.append(rnd)
+        self._round = None
+        self.save()
+
+    def finish(self, status: str, **summary: Any) -> None:
+        self.data["status"] = status
+        self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.data["summary"].update(summary)
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+
+
+def validate(data: dict[str, Any]) -> dict[str, Any]:
+    """Check a loaded ledger against the schema; returns it unchanged or raises ``LedgerError``."""
+    if data.get("schema") != SCHEMA:
+        raise LedgerError(f"not a fedcola ledger (schema {data.get('schema')!r}, expected {SCHEMA!r})")
+    for key in ("method", "config", "status", "rounds", "summary"):
+        if key not in data:
+            raise LedgerError(f"ledger lacks '{key}'")
+    for rnd in data["rounds"]:
+        missing = [f for f in ROUND_FIELDS if f not in rnd]
+        if missing:
+            raise LedgerError(f"round {rnd.get('round')} lacks {', '.join(missing)}")
+        for client in rnd["clients"]:
+            missing = [f for f in CLIENT_FIELDS if f not in client]
+            if missing:
+                raise LedgerError(f"round {rnd['round']}: a client record lacks {', '.join(missing)}")
+    return data
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    return validate(json.loads(Path(path).read_text()))

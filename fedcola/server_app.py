@@ -1,0 +1,83 @@
+"""The fedcola ServerApp: one entry for ``flwr run`` and for ``fedcola run``.
+
+``run_server`` builds the method's strategy and initial arrays, evaluates the global model on the
+server's validation split after every round, and keeps the ledger (``<run_dir>/ledger.json``) and
+the final weights (``<run_dir>/final.safetensors``) on disk.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import save_file
+
+from fedcola import config as cfg
+from fedcola import fedavg_lora, report, train
+from fedcola.ledger import Ledger
+from strategies.fedavg_lora import FedAvgLoRA
+
+
+def new_run_dir(config: dict) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(config["out-dir"]) / f"{config['method']}-{config['model']}-{config['dataset'].replace('/', '_')}-{stamp}"
+
+
+def make_evaluate_fn(config: dict, ledger: Ledger):
+    """Server-side evaluation of the global model on (a prefix of) the validation split."""
+    model = fedavg_lora.build_model(config)
+    val = fedavg_lora.dataset_splits(config)["validation"]
+    val = val.select(range(min(len(val), config["eval.max-examples"])))
+    loader = fedavg_lora.loader(config, val, shuffle=False, seed=0, batch_size=config["eval.batch-size"])
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if server_round == 0:
+            ledger.begin_round(0)
+        fedavg_lora.load_trainable(model, arrays.to_torch_state_dict())
+        metrics = train.evaluate(model, loader, config["task"])
+        ledger.server(server_round, **{k: float(v) for k, v in metrics.items()}, peak_memory_bytes=train.peak_memory_bytes())
+        ledger.end_round(server_round)
+        return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+    return evaluate_fn
+
+
+def run_server(grid: Grid, config: dict, run_dir: Path) -> Ledger:
+    """Run ``config['rounds']`` rounds of the configured method on ``grid``; returns the ledger."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(run_dir / "ledger.json", config["method"], config)
+    ledger.save()
+    try:
+        initial = fedavg_lora.trainable_state(fedavg_lora.build_model(config))
+        strategy = FedAvgLoRA(fraction_train=config["fraction-train"], min_available_nodes=config["num-clients"], ledger=ledger)
+        result = strategy.start(
+            grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=config["rounds"],
+            train_config=ConfigRecord(dict(config)), evaluate_fn=make_evaluate_fn(config, ledger),
+        )
+        save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
+        last = ledger.rounds[-1]["server"]
+        ledger.finish("completed", **{k: last[k] for k in ("loss", train.metric_name(config["task"])) if k in last})
+    except BaseException as err:
+        ledger.finish("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    report.plot(ledger.data, run_dir / "curves.png")
+    return ledger
+
+
+def make_app(config: dict | None = None, run_dir: Path | None = None) -> ServerApp:
+    """A ServerApp bound to ``config`` (the CLI), or reading Flower's run config (``flwr run``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        run_config = config if config is not None else cfg.from_run_config(context.run_config)
+        run_server(grid, run_config, run_dir or new_run_dir(run_config))
+
+    return app
+
+
+app = make_app()

@@ -1,0 +1,120 @@
+"""Batches, local training steps and evaluation, shared by every method's clients and servers.
+
+FLOPs are counted, not guessed: each step runs under ``torch.utils.flop_counter.FlopCounterMode``
+(matmul, convolution and attention FLOPs of forward and backward). Memory is the process's peak
+resident set size (``ru_maxrss``), which is what an edge machine's operator sees.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def collate_fn(tokenizer, task: str, max_length: int):
+    """Turn a list of rows into model inputs; text is padded to the longest row (dynamic padding)."""
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        if task == "image-classification":
+            return {
+                "pixel_values": torch.tensor([r["pixel_values"] for r in rows], dtype=torch.float32),
+                "labels": torch.tensor([r["label"] for r in rows]),
+            }
+        enc = tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if task == "classification":
+            batch["labels"] = torch.tensor([r["label"] for r in rows])
+        else:  # causal LM: predict every non-padding token
+            batch["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return batch
+
+    return collate
+
+
+def make_loader(ds: Dataset, tokenizer, task: str, batch_size: int, max_length: int, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn(tokenizer, task, max_length))
+
+
+def cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+@dataclass
+class StepStats:
+    """What local training cost and achieved."""
+
+    loss: float
+    steps: int
+    examples: int
+    flops: int
+    wall_time_s: float
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    optimizers = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+    if name not in optimizers:
+        raise ValueError(f"unknown optimizer '{name}': known are {', '.join(optimizers)}")
+    return optimizers[name](params, lr=lr, weight_decay=weight_decay)
+
+
+def train_steps(model: nn.Module, batches: Iterator[dict], steps: int, optimizer: torch.optim.Optimizer) -> StepStats:
+    """``steps`` optimizer steps of ordinary backprop on the model's trainable parameters."""
+    model.train()
+    total_loss, examples, flops = 0.0, 0, 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        batch = next(batches)
+        with FlopCounterMode(display=False) as counter:
+            loss = model(**batch).loss
+            loss.backward()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()}: lower the learning rate")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total_loss += loss.item()
+        examples += len(batch["labels"])
+        flops += counter.get_total_flops()
+    return StepStats(total_loss / steps, steps, examples, flops, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, task: str) -> dict[str, float]:
+    """Mean loss and the task metric: accuracy (classification) or perplexity (causal LM)."""
+    model.eval()
+    loss_sum, correct, count, tokens = 0.0, 0, 0, 0
+    for batch in loader:
+        out = model(**batch)
+        if task == "causal-lm":
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            loss_sum += out.loss.item() * n
+            tokens += n
+        else:
+            n = len(batch["labels"])
+            loss_sum += out.loss.item() * n
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            count += n
+    if task == "causal-lm":
+        loss = loss_sum / max(tokens, 1)
+        return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "num-examples": len(loader.dataset)}
+    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "num-examples": count}
+
+
+def metric_name(task: str) -> str:
+    return "perplexity" if task == "causal-lm" else "accuracy"

@@ -1,0 +1,39 @@
+"""Tensors <-> Flower records, and the checks every reply passes before it touches server state."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+
+def nbytes(record: ArrayRecord) -> int:
+    """Serialised bytes of an ArrayRecord's arrays (.npy payload with its headers, as Flower sends them)."""
+    return int(sum(len(array.data) for array in record.values()))
+
+
+def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({name: t.detach().contiguous() for name, t in tensors.items()})
+
+
+def to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return record.to_torch_state_dict()
+
+
+def check_arrays(received: ArrayRecord, expected: ArrayRecord) -> str | None:
+    """Why ``received`` cannot stand in for ``expected`` (names, shapes, dtypes, finite values), or None."""
+    missing = set(expected.keys()) - set(received.keys())
+    extra = set(received.keys()) - set(expected.keys())
+    if missing or extra:
+        parts = [f"missing {sorted(missing)[:3]}" if missing else "", f"unknown {sorted(extra)[:3]}" if extra else ""]
+        return "array names differ: " + "; ".join(p for p in parts if p)
+    for name, want in expected.items():
+        got = received[name]
+        if tuple(got.shape) != tuple(want.shape):
+            return f"array '{name}' has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        if got.dtype != want.dtype:
+            return f"array '{name}' has dtype {got.dtype}, expected {want.dtype}"
+        values = got.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return f"array '{name}' has NaN or Inf values"
+    return None

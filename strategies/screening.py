@@ -1,0 +1,59 @@
+"""Reply screening shared by fedcola's strategies: a bad reply is skipped with a logged reason.
+
+Flower's own FedAvg stops the ServerApp on an inconsistent reply; in a federation of edge machines
+one broken client must not end everyone's run. A reply is kept only if it carries no error, has the
+expected arrays (names, shapes, dtypes) with finite values, and the metrics the ledger needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import WARNING
+
+from flwr.app import ArrayRecord, Message
+from flwr.common.logger import log
+
+from fedcola.ledger import Ledger
+from fedcola.wire import check_arrays, nbytes
+
+REQUIRED_METRICS = ("num-examples", "train-loss", "flops", "peak-memory-bytes", "wall-time-s", "partition-id")
+
+
+def reply_problem(msg: Message, expected: ArrayRecord | None) -> str | None:
+    """Why a reply cannot be used, or None."""
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    content = msg.content
+    if "metrics" not in content.metric_records:
+        return "reply has no 'metrics' MetricRecord"
+    missing = [k for k in REQUIRED_METRICS if k not in content.metric_records["metrics"]]
+    if missing:
+        return f"reply metrics lack {', '.join(missing)}"
+    if expected is not None:
+        if "arrays" not in content.array_records:
+            return "reply has no 'arrays' ArrayRecord"
+        return check_arrays(content.array_records["arrays"], expected)
+    return None
+
+
+def screen(server_round: int, replies: Iterable[Message], expected: ArrayRecord | None, ledger: Ledger | None, bytes_down: int) -> list[Message]:
+    """Keep the usable replies; log and record the others; record every kept client in the ledger."""
+    kept = []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        problem = reply_problem(msg, expected)
+        if problem is not None:
+            log(WARNING, "round %d: skipping reply from node %d: %s", server_round, node, problem)
+            if ledger is not None:
+                ledger.skipped(server_round, node, problem)
+            continue
+        kept.append(msg)
+        if ledger is not None:
+            m = msg.content.metric_records["metrics"]
+            up = sum(nbytes(a) for a in msg.content.array_records.values())
+            ledger.client(server_round, {
+                "node_id": node, "partition_id": int(m["partition-id"]), "num_examples": int(m["num-examples"]),
+                "loss": float(m["train-loss"]), "bytes_up": up, "bytes_down": bytes_down, "flops": int(m["flops"]),
+                "peak_memory_bytes": int(m["peak-memory-bytes"]), "wall_time_s": float(m["wall-time-s"]),
+            })
+    return kept

@@ -1,0 +1,59 @@
+"""The CLI's bad-input paths: one clear line on stderr, exit status 2, no traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = ROOT / "simulations" / "fedavg_lora_minilm.toml"
+
+
+def fedcola(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "fedcola.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def _one_line_error(proc, needle):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("fedcola: error:") and needle in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "simulations/missing.toml"], "config file not found"),
+    (["run", str(GOOD), "--set", "lerning-rate=0.1"], "unknown config key 'lerning-rate'"),
+    (["run", str(GOOD), "--set", "lr=fast"], "config key 'lr' expects float, got str"),
+    (["run", str(GOOD), "--set", "rounds=2.5"], "config key 'rounds' expects int"),
+    (["run", str(GOOD), "--set", "rounds"], "--set expects key=value"),
+    (["run", str(GOOD), "--set", "method=fedsgd"], "unknown method 'fedsgd'"),
+    (["run", str(GOOD), "--set", "num-clients=0"], "'num-clients' must be >= 1"),
+    (["run", str(GOOD), "--set", 'model="gpt-5"'], "unknown model 'gpt-5'"),
+    (["run", str(GOOD), "--set", "dataset=imagenet"], "unknown dataset 'imagenet'"),
+    (["run", str(GOOD), "--set", 'partitioning="zipf"'], "unknown partitioning 'zipf'"),
+])
+def test_bad_config_is_one_clear_line(args, needle):
+    _one_line_error(fedcola(*args), needle)
+
+
+def test_invalid_toml(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 3\n")
+    _one_line_error(fedcola("run", str(bad)), "not valid TOML")
+
+
+def test_nested_unknown_key_is_named_with_its_table(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[lora]\nrank = 8\n")
+    _one_line_error(fedcola("run", str(bad)), "unknown config key 'lora.rank'")
+
+
+def test_help_and_keys():
+    out = fedcola("--help")
+    assert out.returncode == 0 and "run" in out.stdout and "keys" in out.stdout
+    run_help = fedcola("run", "--help")
+    assert "--set" in run_help.stdout and "--run-dir" in run_help.stdout
+    keys = fedcola("keys")
+    assert keys.returncode == 0 and "lora.r" in keys.stdout and "num-clients" in keys.stdout
