@@ -1,0 +1,165 @@
+"""The ColA server: one frozen base model, hidden-representation gradients for K clients.
+
+ColA, arXiv 2404.13844, server side. Per adaptation interval the server runs ONE
+forward + backward over the concatenated batches of all clients and returns to each client its
+own rows of (x_m, G_m) for every adapted layer m; clients then do gradient learning (`fedcola.gl`).
+
+Loss convention: L = sum_k L_k, L_k = mean loss over client k's own samples (tokens for a causal
+LM). Samples do not interact in the forward, so client k's rows of G = dL/dh are exactly the
+gradient of L_k alone: no 1/K factor, and unequal batch sizes weigh nothing differently.
+
+Modes:
+  * merged:   W_m' = W_m + sum_k a_k dW_k (a_k = 1/K, or proportional to given weights), the paper
+              code's averaging. W_m is the untouched fp32 master weight: W_m' is a fresh tensor
+              swapped in for this forward only (torch.func.functional_call), so nothing is ever
+              merged/unmerged twice into the same tensor and tied weights (lm_head) are safe.
+              Client k's GL gradient is then d/dw_k of L_k(W' + dW_k(w_k) - dW_k(w_k^t)): each
+              client descends its own loss in the shared averaged model.
+  * unmerged: each sample goes through its owner's auxiliary model (Router); any adapter works.
+  * detached: unmerged, with auxiliary models fed x.detach() (see `fedcola.capture`).
+Merged and unmerged give the same G for one client with a mergeable adapter. With K > 1 they
+differ: merged evaluates every client's rows in the averaged model W + mean_k dW_k, unmerged in
+client k's personal model W + dW_k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from transformers.pytorch_utils import Conv1D
+
+from fedcola.adapters import Adapter, find_targets
+from fedcola.capture import Capture, Router, token_rows
+
+Mode = Literal["merged", "unmerged", "detached"]
+MODES: tuple[str, ...] = ("merged", "unmerged", "detached")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class HiddenGrads:
+    """Server output of one interval: per client, {layer: (x rows, G rows)}, loss L_k, logits."""
+
+    pairs: dict[Hashable, dict[str, tuple[Tensor, Tensor]]]
+    loss: dict[Hashable, float]
+    logits: dict[Hashable, Tensor]
+
+
+def client_losses(logits: Tensor, labels: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    """[L_k]: mean cross-entropy over each client's samples (classification, logits (n, C)) or
+    over its non-ignored next-token targets (causal LM, logits (n, L, V), labels (n, L))."""
+    if logits.dim() == 3:  # causal LM: position t predicts token t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    per = F.cross_entropy(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).reshape(labels.shape[0], -1)
+    counts = (labels != IGNORE_INDEX).reshape(labels.shape[0], -1)
+    return [s.sum() / c.sum() for s, c in zip(per.split(list(sizes)), counts.split(list(sizes)))]
+
+
+def concat_batches(batches: Mapping[Hashable, Mapping[str, Tensor]], pad_token_id: int) -> dict[str, Tensor]:
+    """Concatenate client batches along dim 0, right-padding token dims to the longest one
+    (input_ids with pad_token_id, labels with -100, masks and other ids with 0)."""
+    keys = next(iter(batches.values())).keys()
+    out = {}
+    for key in keys:
+        parts = [b[key] for b in batches.values()]
+        if parts[0].dim() == 2:
+            length = max(p.shape[1] for p in parts)
+            value = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
+            parts = [F.pad(p, (0, length - p.shape[1]), value=value) for p in parts]
+        out[key] = torch.cat(parts)
+    return out
+
+
+class ColaServer:
+    """Frozen base model (master weights in `dtype`, fp32 by default) with ColA attached at the
+    layers matching `target_modules`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_modules: str | Sequence[str],
+        mode: Mode = "merged",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown ColA mode {mode!r}; known modes: {list(MODES)}")
+        self.model = model.to(dtype).requires_grad_(False)  # in place: the caller's model is frozen
+        self.targets = find_targets(self.model, target_modules)
+        self.mode = mode
+        self.pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+
+    def merged_weights(
+        self, adapters: Mapping[Hashable, Mapping[str, Adapter]], weights: Mapping[Hashable, float] | None = None
+    ) -> dict[str, Tensor]:
+        """{"<layer>.weight"/".bias": W_m + sum_k a_k dW_k}, a_k = 1/K or weights normalised."""
+        cids = list(adapters)
+        if not cids:
+            return {}
+        raw = [1.0] * len(cids) if weights is None else [float(weights[c]) for c in cids]
+        a = [w / sum(raw) for w in raw]
+        merged = {}
+        for layer, module in self.targets.items():
+            dW = sum(ak * adapters[c][layer].delta_weight().detach() for ak, c in zip(a, cids)).to(module.weight.dtype)
+            merged[f"{layer}.weight"] = module.weight + (dW.T if isinstance(module, Conv1D) else dW)
+            biases = [adapters[c][layer].delta_bias() for c in cids]
+            if any(b is not None for b in biases):
+                if module.bias is None:
+                    raise ValueError(f"{layer} has no bias to merge an adapter bias into; use unmerged mode")
+                db = sum(ak * b.detach() for ak, b in zip(a, biases) if b is not None).to(module.bias.dtype)
+                merged[f"{layer}.bias"] = module.bias + db
+        return merged
+
+    def hidden_grads(
+        self,
+        batches: Mapping[Hashable, Mapping[str, Tensor]],
+        adapters: Mapping[Hashable, Mapping[str, Adapter]],
+        weights: Mapping[Hashable, float] | None = None,
+    ) -> HiddenGrads:
+        """One forward + backward over all clients' batches (each with "labels" and model inputs).
+
+        `adapters[cid][layer]` are the clients' auxiliary models as the server knows them (merged:
+        every client whose delta is in the shared model; unmerged/detached: every batch's owner).
+        `weights` only affects the merged mean. Returns each client's non-padding rows.
+        """
+        cids = list(batches)
+        if self.mode != "merged" and not set(cids) <= set(adapters):
+            missing = set(cids) - set(adapters)
+            raise ValueError(f"{self.mode} mode needs an adapter for every batch owner; missing {missing}")
+        for cid, ads in adapters.items():
+            missing = [n for n in self.targets if n not in ads]
+            if missing:
+                raise ValueError(f"client {cid!r} has no adapter for layers {missing}")
+        sizes = [len(batches[c]["labels"]) for c in cids]
+        batch = concat_batches(batches, self.pad_token_id)
+        labels = batch.pop("labels")
+        owners = [c for c, n in zip(cids, sizes) for _ in range(n)]
+        if self.mode == "merged":
+            router, overrides = None, self.merged_weights(adapters, weights)
+        else:
+            router, overrides = Router(adapters, owners, detach=self.mode == "detached"), {}
+
+        with Capture(self.targets, router) as cap:
+            logits = functional_call(self.model, overrides, args=(), kwargs=batch, tie_weights=False).logits
+            losses = client_losses(logits, labels, sizes)
+            full = cap.pairs(torch.stack(losses).sum())
+
+        mask = batch.get("attention_mask")
+        masks = mask.split(sizes) if mask is not None else [None] * len(cids)
+        split = {layer: (x.split(sizes), G.split(sizes)) for layer, (x, G) in full.items()}
+        pairs = {
+            cid: {layer: token_rows(xs[i], Gs[i], masks[i]) for layer, (xs, Gs) in split.items()}
+            for i, cid in enumerate(cids)
+        }
+        return HiddenGrads(
+            pairs=pairs,
+            loss={c: float(l.detach()) for c, l in zip(cids, losses)},
+            logits=dict(zip(cids, logits.detach().split(sizes))),
+        )
