@@ -33,9 +33,9 @@ def _env_defaults() -> None:
 
 def preflight(config: dict) -> None:
     """Fail fast, in one line, on an unknown model or dataset or an impossible partitioning."""
-    from fedcola import data, fedavg_lora, models
+    from fedcola import data, models, runtime
 
-    splits = fedavg_lora.dataset_splits(config)
+    splits = runtime.dataset_splits(config)
     if config["task"] != "image-classification":
         models.resolve(config["model"])
     data.make_partitioner(config["partitioning"], config["num-clients"], config["seed"])

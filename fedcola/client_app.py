@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcola import config as cfg
-from fedcola import fedavg_lora, train
+from fedcola import cola_client, fedavg_lora, train
 
 app = ClientApp()
 
@@ -42,3 +42,17 @@ def train_handler(msg: Message, context: Context) -> Message:
         "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": float(stats.wall_time_s), "partition-id": pid,
     })
     return Message(RecordDict({"arrays": ArrayRecord(new_state), "metrics": metrics}), reply_to=msg)
+
+
+@app.query("cola")
+def cola_query_handler(msg: Message, context: Context) -> Message:
+    config = message_config(msg)
+    torch.set_num_threads(config["client.num-cpus"])
+    return cola_client.query(msg, context, config, partition_of(context))
+
+
+@app.train("cola")
+def cola_train_handler(msg: Message, context: Context) -> Message:
+    config = message_config(msg)
+    torch.set_num_threads(config["client.num-cpus"])
+    return cola_client.fit(msg, context, config, partition_of(context))

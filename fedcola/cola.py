@@ -163,3 +163,21 @@ class ColaServer:
             loss={c: float(l.detach()) for c, l in zip(cids, losses)},
             logits=dict(zip(cids, logits.detach().split(sizes))),
         )
+
+    @torch.no_grad()
+    def predict(self, batch: Mapping[str, Tensor], adapters: Mapping[Hashable, Mapping[str, Adapter]]) -> Tensor:
+        """Logits of W + mean_k dW_k over `adapters` (merged), or, for one client, of its personal
+        model W + g_k; non-mergeable auxiliary models run through the Router."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if all(a.mergeable for ads in adapters.values() for a in ads.values()):
+            return functional_call(self.model, self.merged_weights(adapters), args=(), kwargs=inputs, tie_weights=False).logits
+        if len(adapters) != 1:
+            raise ValueError("non-mergeable auxiliary models are evaluated one client at a time")
+        n = len(next(iter(inputs.values())))
+        router = Router(adapters, [next(iter(adapters))] * n)
+        handles = [m.register_forward_hook(lambda mod, args, out, layer=layer: router(layer, args[0], out)) for layer, m in self.targets.items()]
+        try:
+            return self.model(**inputs).logits
+        finally:
+            for h in handles:
+                h.remove()

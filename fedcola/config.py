@@ -38,13 +38,20 @@ DEFAULTS: dict[str, Scalar] = {
     "lora.r": 8,
     "lora.alpha": 16,
     "lora.targets": "query,key,value,dense",
+    "cola.mode": "merged",
+    "cola.adapter": "low-rank",
+    "cola.targets": "query,value,classifier",
+    "cola.interval": 1,
+    "cola.mlp-hidden": 128,
+    "cola.wire-dtype": "fp16",
+    "cola.weighting": "equal",
     "eval.max-examples": 1000,
     "eval.batch-size": 64,
     "client.num-cpus": 1,
     "out-dir": "runs",
 }
 
-METHODS = ("fedavg_lora",)
+METHODS = ("fedavg_lora", "cola")
 
 
 class ConfigError(ValueError):
@@ -95,7 +102,12 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
         config[key] = _typed(key, value)
     if config["method"] not in METHODS:
         raise ConfigError(f"config key 'method': unknown method '{config['method']}', known: {', '.join(METHODS)}")
-    for key in ("num-clients", "rounds", "local-steps", "batch-size", "lora.r"):
+    choices = {"cola.mode": ("merged", "unmerged", "detached"), "cola.adapter": ("low-rank", "linear", "mlp"),
+               "cola.wire-dtype": ("fp16", "fp32", "bf16"), "cola.weighting": ("equal", "examples")}
+    for key, allowed in choices.items():
+        if config[key] not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}")
+    for key in ("num-clients", "rounds", "local-steps", "batch-size", "lora.r", "cola.interval"):
         if config[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
     if not 0.0 < config["fraction-train"] <= 1.0:

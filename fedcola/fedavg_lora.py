@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from fedcola import data, models, train
+from fedcola import models, runtime, train
 
 
 def lora_config(config: dict) -> LoraConfig:
@@ -25,23 +25,10 @@ def lora_config(config: dict) -> LoraConfig:
     )
 
 
-def num_labels(config: dict) -> int | None:
-    splits = dataset_splits(config)
-    feature = splits["train"].features.get("label")
-    return feature.num_classes if feature is not None and hasattr(feature, "num_classes") else None
-
-
-def dataset_splits(config: dict):
-    return data.load_splits(
-        config["dataset"], seed=config["seed"], block_chars=config["data.block-chars"],
-        text_column=config["data.text-column"], label_column=config["data.label-column"],
-    )
-
-
 def build_model(config: dict) -> nn.Module:
     """The peft-wrapped model with seeded LoRA and head initialisation."""
     torch.manual_seed(config["seed"])
-    base = models.load_model(config["model"], config["task"], num_labels=num_labels(config))
+    base = models.load_model(config["model"], config["task"], num_labels=runtime.num_labels(config))
     try:
         return get_peft_model(base, lora_config(config))
     except ValueError as err:
@@ -72,21 +59,12 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def loader(config: dict, ds, shuffle: bool, seed: int, batch_size: int | None = None):
-    tokenizer = None if config["task"] == "image-classification" else models.load_tokenizer(config["model"])
-    return train.make_loader(ds, tokenizer, config["task"], batch_size or config["batch-size"], config["data.max-length"], shuffle, seed)
-
-
-def client_partition(config: dict, partition_id: int, num_partitions: int):
-    return data.load_partition(dataset_splits(config)["train"], config["partitioning"], partition_id, num_partitions, config["seed"])
-
-
 def client_train(config: dict, state: dict[str, torch.Tensor], partition_id: int, num_partitions: int, server_round: int):
     """One round of local LoRA training from the global state; returns the new state and its cost."""
     model = cached_model(config)
     load_trainable(model, state)
-    part = client_partition(config, partition_id, num_partitions)
-    batches = train.cycle(loader(config, part, shuffle=True, seed=config["seed"] * 1000 + server_round * 100 + partition_id))
+    part = runtime.client_partition(config, partition_id, num_partitions)
+    batches = train.cycle(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, server_round, partition_id)))
     optimizer = train.make_optimizer(config["optimizer"], [p for p in model.parameters() if p.requires_grad], config["lr"], config["weight-decay"])
     stats = train.train_steps(model, batches, config["local-steps"], optimizer)
     return trainable_state(model), stats, len(part)

@@ -158,3 +158,19 @@ def load_model(name: str, task: str, num_labels: int | None = None, spec: Scratc
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
+
+
+def skeleton(name: str, task: str, num_labels: int | None = None) -> nn.Module:
+    """The model's architecture on the meta device (no weights, no memory): layer names and shapes.
+
+    A ColA client uses it to build auxiliary models for the server's layers without downloading them.
+    """
+    if name in FROM_SCRATCH:
+        with torch.device("meta"):
+            return build_from_scratch(name, num_labels, ScratchSpec())
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cfg = AutoConfig.from_pretrained(resolve(name), num_labels=num_labels) if num_labels else AutoConfig.from_pretrained(resolve(name))
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        return auto.from_config(cfg)

@@ -16,8 +16,10 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
 from fedcola import config as cfg
-from fedcola import fedavg_lora, report, train
+from fedcola import cola_fl, fedavg_lora, models, report, runtime, train
+from fedcola.cola import ColaServer
 from fedcola.ledger import Ledger
+from strategies.cola import ColA
 from strategies.fedavg_lora import FedAvgLoRA
 
 
@@ -29,20 +31,52 @@ def new_run_dir(config: dict) -> Path:
 def make_evaluate_fn(config: dict, ledger: Ledger):
     """Server-side evaluation of the global model on (a prefix of) the validation split."""
     model = fedavg_lora.build_model(config)
-    val = fedavg_lora.dataset_splits(config)["validation"]
-    val = val.select(range(min(len(val), config["eval.max-examples"])))
-    loader = fedavg_lora.loader(config, val, shuffle=False, seed=0, batch_size=config["eval.batch-size"])
+    loader = runtime.validation_loader(config)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        if server_round == 0:
-            ledger.begin_round(0)
         fedavg_lora.load_trainable(model, arrays.to_torch_state_dict())
-        metrics = train.evaluate(model, loader, config["task"])
-        ledger.server(server_round, **{k: float(v) for k, v in metrics.items()}, peak_memory_bytes=train.peak_memory_bytes())
-        ledger.end_round(server_round)
-        return MetricRecord({k: float(v) for k, v in metrics.items()})
+        return _record_eval(ledger, server_round, train.evaluate(model, loader, config["task"]))
 
     return evaluate_fn
+
+
+def _record_eval(ledger: Ledger, server_round: int, metrics: dict[str, float]) -> MetricRecord:
+    if server_round == 0:
+        ledger.begin_round(0)
+    ledger.server(server_round, **{k: float(v) for k, v in metrics.items()}, peak_memory_bytes=train.peak_memory_bytes())
+    ledger.end_round(server_round)
+    return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+
+def run_fedavg_lora(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> None:
+    initial = fedavg_lora.trainable_state(fedavg_lora.build_model(config))
+    strategy = FedAvgLoRA(fraction_train=config["fraction-train"], min_available_nodes=config["num-clients"], ledger=ledger)
+    result = strategy.start(
+        grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=config["rounds"],
+        train_config=ConfigRecord(dict(config)), evaluate_fn=make_evaluate_fn(config, ledger),
+    )
+    save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
+
+
+def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> None:
+    """ColA: the server's frozen base model; evaluation of W + mean dW (merged) or of each client's
+    personal model, averaged over clients (unmerged / detached)."""
+    torch.manual_seed(config["seed"])
+    model = models.load_model(config["model"], config["task"], num_labels=runtime.num_labels(config))
+    server = ColaServer(model, cola_fl.targets_of(config), mode=config["cola.mode"])
+    strategy = ColA(server, config, ledger=ledger, num_labels=runtime.num_labels(config) if config["task"] == "classification" else None)
+    loader = runtime.validation_loader(config)
+
+    def evaluate_fn(server_round: int, _: ArrayRecord) -> MetricRecord:
+        adapters = strategy.adapters or {0: cola_fl.build_adapters(config, seed=0)}
+        groups = [adapters] if server.mode == "merged" else [{n: a} for n, a in adapters.items()]
+        per_group = [train.evaluate_logits(lambda batch, g=g: server.predict(batch, g), loader, config["task"]) for g in groups]
+        metrics = {k: sum(m[k] for m in per_group) / len(per_group) for k in per_group[0]}
+        return _record_eval(ledger, server_round, metrics)
+
+    strategy.start(grid=grid, num_rounds=config["rounds"], train_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_fn)
+    save_file({f"{node}/{k}": v.contiguous() for node, ads in strategy.adapters.items()
+               for k, v in cola_fl.adapter_record(ads).to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
 
 
 def run_server(grid: Grid, config: dict, run_dir: Path) -> Ledger:
@@ -51,13 +85,7 @@ def run_server(grid: Grid, config: dict, run_dir: Path) -> Ledger:
     ledger = Ledger(run_dir / "ledger.json", config["method"], config)
     ledger.save()
     try:
-        initial = fedavg_lora.trainable_state(fedavg_lora.build_model(config))
-        strategy = FedAvgLoRA(fraction_train=config["fraction-train"], min_available_nodes=config["num-clients"], ledger=ledger)
-        result = strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=config["rounds"],
-            train_config=ConfigRecord(dict(config)), evaluate_fn=make_evaluate_fn(config, ledger),
-        )
-        save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
+        {"fedavg_lora": run_fedavg_lora, "cola": run_cola}[config["method"]](grid, config, run_dir, ledger)
         last = ledger.rounds[-1]["server"]
         ledger.finish("completed", **{k: last[k] for k in ("loss", train.metric_name(config["task"])) if k in last})
     except BaseException as err:

@@ -1,7 +1,8 @@
 """Batches, local training steps and evaluation, shared by every method's clients and servers.
 
 FLOPs are counted, not guessed: each step runs under ``torch.utils.flop_counter.FlopCounterMode``
-(matmul, convolution and attention FLOPs of forward and backward). Memory is the process's peak
+(matmul, convolution and attention FLOPs of forward and backward; the CPU attention kernel's
+formula is registered below). Memory is the process's peak
 resident set size (``ru_maxrss``), which is what an edge machine's operator sees.
 """
 
@@ -17,7 +18,15 @@ import torch
 from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+# FlopCounterMode knows sdpa's CUDA kernels but not the CPU flash kernel that sdpa runs on this kind
+# of machine, so attention would go uncounted: register torch's own sdpa formulas for it.
+_aten = torch.ops.aten
+if _aten._scaled_dot_product_flash_attention_for_cpu not in flop_counter.flop_registry:
+    flop_counter.register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(flop_counter.sdpa_flop)
+    flop_counter.register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)(flop_counter.sdpa_backward_flop)
 
 
 def peak_memory_bytes() -> int:
@@ -98,17 +107,24 @@ def train_steps(model: nn.Module, batches: Iterator[dict], steps: int, optimizer
 def evaluate(model: nn.Module, loader: DataLoader, task: str) -> dict[str, float]:
     """Mean loss and the task metric: accuracy (classification) or perplexity (causal LM)."""
     model.eval()
+    return evaluate_logits(lambda batch: model(**batch).logits, loader, task)
+
+
+@torch.no_grad()
+def evaluate_logits(logits_fn, loader: DataLoader, task: str) -> dict[str, float]:
+    """``evaluate`` for any function batch -> logits (e.g. a ColA server's adapted forward)."""
     loss_sum, correct, count, tokens = 0.0, 0, 0, 0
     for batch in loader:
-        out = model(**batch)
+        logits = logits_fn(batch)
         if task == "causal-lm":
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            loss_sum += out.loss.item() * n
+            labels = batch["labels"][:, 1:]
+            n = int((labels != -100).sum())
+            loss_sum += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"))
             tokens += n
         else:
             n = len(batch["labels"])
-            loss_sum += out.loss.item() * n
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
             count += n
     if task == "causal-lm":
         loss = loss_sum / max(tokens, 1)

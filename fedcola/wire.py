@@ -37,3 +37,29 @@ def check_arrays(received: ArrayRecord, expected: ArrayRecord) -> str | None:
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"array '{name}' has NaN or Inf values"
     return None
+
+
+WIRE_DTYPES = ("fp16", "fp32", "bf16")
+
+
+def pack(tensors: dict[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:
+    """Float tensors in the wire dtype; bf16 travels as an int16 view (Flower's Array has no bfloat16)."""
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"unknown wire dtype '{wire_dtype}': use one of {', '.join(WIRE_DTYPES)}")
+    cast = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[wire_dtype]
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().to(cast).contiguous()
+        out[name] = t.view(torch.int16) if cast is torch.bfloat16 else t
+    return ArrayRecord(out)
+
+
+def unpack(record: ArrayRecord, wire_dtype: str) -> dict[str, torch.Tensor]:
+    """Inverse of ``pack``, returned in float32; a tensor not in the wire dtype raises ValueError."""
+    want = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.int16}[wire_dtype]
+    out = {}
+    for name, t in record.to_torch_state_dict().items():
+        if t.dtype != want:
+            raise ValueError(f"tensor '{name}' arrived as {t.dtype}, expected {wire_dtype}")
+        out[name] = (t.view(torch.bfloat16) if wire_dtype == "bf16" else t).float()
+    return out

@@ -19,21 +19,28 @@ from fedcola.wire import check_arrays, nbytes
 REQUIRED_METRICS = ("num-examples", "train-loss", "flops", "peak-memory-bytes", "wall-time-s", "partition-id")
 
 
-def reply_problem(msg: Message, expected: ArrayRecord | None) -> str | None:
+def reply_problem(msg: Message, expected: ArrayRecord | None, required: tuple[str, ...] = REQUIRED_METRICS, arrays_key: str = "arrays") -> str | None:
     """Why a reply cannot be used, or None."""
     if msg.has_error():
         return f"client error: {msg.error.reason}"
     content = msg.content
     if "metrics" not in content.metric_records:
         return "reply has no 'metrics' MetricRecord"
-    missing = [k for k in REQUIRED_METRICS if k not in content.metric_records["metrics"]]
+    missing = [k for k in required if k not in content.metric_records["metrics"]]
     if missing:
         return f"reply metrics lack {', '.join(missing)}"
     if expected is not None:
-        if "arrays" not in content.array_records:
-            return "reply has no 'arrays' ArrayRecord"
-        return check_arrays(content.array_records["arrays"], expected)
+        if arrays_key not in content.array_records:
+            return f"reply has no '{arrays_key}' ArrayRecord"
+        return check_arrays(content.array_records[arrays_key], expected)
     return None
+
+
+def skip(server_round: int, node: int, problem: str, ledger: Ledger | None) -> None:
+    """Log a skipped reply and record it in the ledger."""
+    log(WARNING, "round %d: skipping reply from node %d: %s", server_round, node, problem)
+    if ledger is not None:
+        ledger.skipped(server_round, node, problem)
 
 
 def screen(server_round: int, replies: Iterable[Message], expected: ArrayRecord | None, ledger: Ledger | None, bytes_down: int) -> list[Message]:
@@ -43,9 +50,7 @@ def screen(server_round: int, replies: Iterable[Message], expected: ArrayRecord 
         node = msg.metadata.src_node_id
         problem = reply_problem(msg, expected)
         if problem is not None:
-            log(WARNING, "round %d: skipping reply from node %d: %s", server_round, node, problem)
-            if ledger is not None:
-                ledger.skipped(server_round, node, problem)
+            skip(server_round, node, problem, ledger)
             continue
         kept.append(msg)
         if ledger is not None:

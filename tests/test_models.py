@@ -58,3 +58,19 @@ def test_smollm2_dequantises_and_caches(tmp_path, monkeypatch):
     tok = models.load_tokenizer("smollm2")
     out = model(**tok(["To be, or not to be"], return_tensors="pt"))
     assert torch.isfinite(out.logits).all()
+
+
+def test_flop_counter_counts_cpu_attention():
+    """Attention FLOPs on CPU are counted (torch has no formula for the CPU flash kernel by itself)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import fedcola.train  # noqa: F401  (registers the formula)
+
+    q = torch.rand(2, 4, 16, 8, requires_grad=True)
+    with FlopCounterMode(display=False) as fwd:
+        out = F.scaled_dot_product_attention(q, q, q)
+    assert fwd.get_total_flops() == 2 * (2 * 2 * 4 * 16 * 16 * 8)  # QK^T and PV
+    with FlopCounterMode(display=False) as bwd:
+        out.sum().backward()
+    assert bwd.get_total_flops() == 2 * fwd.get_total_flops() + 2 * 2 * 4 * 16 * 16 * 8

@@ -1,11 +1,15 @@
 """End to end: `fedcola run` starts a Flower simulation, writes ledger + plot + weights, leaves no process."""
 
 import json
+import os
+import time
+import uuid
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
+import pytest
 from safetensors.torch import load_file
 
 from fedcola import ledger
@@ -13,19 +17,34 @@ from fedcola import ledger
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _ray_processes():
-    names = ("raylet", "gcs_server", "ray::", "dashboard")
-    return [p for p in psutil.process_iter(["cmdline"]) if any(n in " ".join(p.info["cmdline"] or []) for n in names)]
+def _tagged_processes(tag):
+    """Processes that inherited this run's environment tag (Ray's raylet, GCS and workers do)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("FEDCOLA_TEST_TAG") == tag:
+                found.append(p)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return found
 
 
-def test_fedavg_lora_simulation_smoke(tmp_path):
-    before = {p.pid for p in _ray_processes()}
+def _leftovers(tag, grace_s=15.0):
+    deadline = time.time() + grace_s
+    while (left := _tagged_processes(tag)) and time.time() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@pytest.mark.parametrize("config,weight_key", [("fedavg_lora_minilm.toml", "lora_A"), ("cola_minilm_rt.toml", "/A")])
+def test_simulation_smoke(tmp_path, config, weight_key):
+    tag = uuid.uuid4().hex
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedcola.cli", "run", "simulations/fedavg_lora_minilm.toml", "--run-dir", str(run_dir),
+        [sys.executable, "-m", "fedcola.cli", "run", f"simulations/{config}", "--run-dir", str(run_dir),
          "--set", "num-clients=2", "--set", "rounds=1", "--set", "local-steps=2", "--set", "batch-size=4",
          "--set", "eval.max-examples=32", "--set", "data.max-length=32"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ | {"FEDCOLA_TEST_TAG": tag},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = ledger.load(run_dir / "ledger.json")
@@ -37,8 +56,8 @@ def test_fedavg_lora_simulation_smoke(tmp_path):
     assert 0.0 <= result["rounds"][1]["server"]["accuracy"] <= 1.0
     assert (run_dir / "curves.png").stat().st_size > 10_000
     weights = load_file(str(run_dir / "final.safetensors"))
-    assert any("lora_A" in k for k in weights) and any("classifier" in k for k in weights)
-    assert "fedavg_lora · completed" in proc.stdout
-    leftover = [p for p in _ray_processes() if p.pid not in before]
+    assert any(weight_key in k for k in weights) and any("classifier" in k for k in weights)
+    assert f"{result['method']} · completed" in proc.stdout
+    leftover = _leftovers(tag)
     assert not leftover, f"processes left behind: {[' '.join(p.cmdline())[:80] for p in leftover]}"
     json.dumps(result)

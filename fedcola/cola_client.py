@@ -1,0 +1,80 @@
+"""ColA on the client (DESIGN.md, "ColA round", steps 2 and 5): private data, auxiliary models and
+their optimizer, updated by gradient learning from the server's (x_m, G_m).
+
+Everything a client owns lives in ``context.state`` (adapters and optimizer state as ArrayRecords),
+so it persists across rounds on a SuperNode and in simulation, where one Ray actor serves many
+virtual nodes in turn.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedcola import cola_fl, gl, runtime, train, wire
+
+ADAPTERS, OPTIMIZER = "cola.adapters", "cola.optimizer"
+
+
+def make_client(config: dict, partition_id: int) -> gl.GLClient:
+    adapters = cola_fl.build_adapters(config, seed=config["seed"] * 7919 + partition_id)
+    factory = lambda ps: train.make_optimizer(config["optimizer"], ps, config["lr"], config["weight-decay"])  # noqa: E731
+    return gl.GLClient(adapters, optimizer=factory, interval=config["cola.interval"])
+
+
+def load_client(context: Context, config: dict, partition_id: int) -> gl.GLClient:
+    """This client's auxiliary models and optimizer, from ``context.state`` (fresh on first contact)."""
+    client = make_client(config, partition_id)
+    if ADAPTERS in context.state.array_records:
+        cola_fl.load_adapter_record(client.adapters, context.state.array_records[ADAPTERS])
+        flat = context.state.array_records[OPTIMIZER].to_torch_state_dict()
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in flat.items():
+            idx, name = key.split("/", 1)
+            state.setdefault(int(idx), {})[name] = value
+        fresh = client.optimizer.state_dict()
+        client.optimizer.load_state_dict({"state": state, "param_groups": fresh["param_groups"]})
+    return client
+
+
+def save_client(context: Context, client: gl.GLClient) -> None:
+    context.state[ADAPTERS] = cola_fl.adapter_record(client.adapters)
+    opt = client.optimizer.state_dict()["state"]
+    context.state[OPTIMIZER] = ArrayRecord({f"{i}/{k}": torch.as_tensor(v).clone() for i, s in opt.items() for k, v in s.items()})
+
+
+def query(msg: Message, context: Context, config: dict, partition: tuple[int, int]) -> Message:
+    """Step 2: send I batches of this client's data (and its adapters when the server asks)."""
+    pid, n = partition
+    control = msg.content.config_records["control"]
+    client = load_client(context, config, pid)
+    if ADAPTERS not in context.state.array_records:
+        save_client(context, client)
+    part = runtime.client_partition(config, pid, n)
+    loader = iter(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, int(control["step"]), pid)))
+    batches = [next(loader) for _ in range(config["cola.interval"])]
+    content = RecordDict({"batch": cola_fl.batch_record(batches), "metrics": MetricRecord({"num-examples": len(part), "partition-id": pid})})
+    if control["send-adapter"]:
+        content["adapter"] = context.state.array_records[ADAPTERS]
+    return Message(content, reply_to=msg)
+
+
+def fit(msg: Message, context: Context, config: dict, partition: tuple[int, int]) -> Message:
+    """Step 5: one gradient-learning update per adaptation interval from the server's (x, G)."""
+    pid, _ = partition
+    client = load_client(context, config, pid)
+    tensors = wire.unpack(msg.content.array_records["pairs"], config["cola.wire-dtype"])
+    pairs = cola_fl.pairs_from_payload(tensors, cola_fl.layer_dims(config), config["cola.interval"])
+    t0 = time.perf_counter()
+    with FlopCounterMode(display=False) as counter:
+        for batch_pairs in pairs:
+            client.step(batch_pairs)
+    save_client(context, client)
+    metrics = MetricRecord({
+        "rows": sum(next(iter(p.values()))[0].shape[0] for p in pairs), "flops": int(counter.get_total_flops()),
+        "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0, "partition-id": pid,
+    })
+    return Message(RecordDict({"adapter": context.state.array_records[ADAPTERS], "metrics": metrics}), reply_to=msg)

@@ -1,0 +1,115 @@
+"""ColA's Flower glue shared by client and server: auxiliary models from a config, their records.
+
+Record layouts (DESIGN.md, "ColA round"):
+  * adapter state: ArrayRecord ``"<layer>/<param>"`` -> fp32 tensor.
+  * a client's batches: ArrayRecord ``"b<i>/input_ids"``, ``"b<i>/attention_mask"`` (int32),
+    ``"b<i>/labels"`` (int64) for i < I, the adaptation interval.
+  * hidden pairs: ArrayRecord ``"b<i>/<layer>/x"`` (rows, d_in), ``"b<i>/<layer>/G"`` (rows, d_out),
+    non-padding rows only, in the run's wire dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedcola import adapters as ad
+from fedcola import models, runtime
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def targets_of(config: dict) -> list[str]:
+    return [t.strip() for t in config["cola.targets"].split(",") if t.strip()]
+
+
+@functools.lru_cache(maxsize=4)
+def _layer_dims(model: str, task: str, num_labels: int | None, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    found = ad.find_targets(models.skeleton(model, task, num_labels), list(targets))
+    return {name: ad.layer_dims(m) for name, m in found.items()}
+
+
+def layer_dims(config: dict) -> dict[str, tuple[int, int]]:
+    """{adapted layer: (d_in, d_out)}, read from the model's architecture only."""
+    return _layer_dims(config["model"], config["task"], runtime.num_labels(config), tuple(targets_of(config)))
+
+
+def build_adapters(config: dict, seed: int) -> dict[str, ad.Adapter]:
+    """The auxiliary models of one client (``cola.adapter`` kind, ``lora.r`` / ``lora.alpha``)."""
+    kind = config["cola.adapter"]
+    opts = {"low-rank": {"r": config["lora.r"], "alpha": float(config["lora.alpha"])}, "mlp": {"hidden": config["cola.mlp-hidden"]}}.get(kind, {})
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return {layer: ad.make_adapter(kind, d_in, d_out, **opts) for layer, (d_in, d_out) in layer_dims(config).items()}
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def adapter_record(adapters: dict[str, ad.Adapter]) -> ArrayRecord:
+    return ArrayRecord({f"{layer}/{name}": p.detach().float().contiguous() for layer, a in adapters.items() for name, p in a.state_dict().items()})
+
+
+def load_adapter_record(adapters: dict[str, ad.Adapter], record: ArrayRecord) -> None:
+    state = record.to_torch_state_dict()
+    for layer, a in adapters.items():
+        a.load_state_dict({name: state[f"{layer}/{name}"] for name in a.state_dict()})
+
+
+def batch_record(batches: list[dict[str, torch.Tensor]]) -> ArrayRecord:
+    out = {}
+    for i, b in enumerate(batches):
+        out[f"b{i}/input_ids"] = b["input_ids"].to(torch.int32)
+        out[f"b{i}/attention_mask"] = b["attention_mask"].to(torch.int32)
+        out[f"b{i}/labels"] = b["labels"].to(torch.int64)
+    return ArrayRecord(out)
+
+
+def check_batches(record: ArrayRecord, interval: int, batch_size: int, vocab_size: int, num_labels: int | None, max_length: int) -> str | None:
+    """Why a client's batch record is unusable (missing keys, shapes, dtypes, token ids or labels out of range), or None."""
+    want = {f"b{i}/{k}" for i in range(interval) for k in BATCH_KEYS}
+    if set(record.keys()) != want:
+        return f"batch record keys differ from the {interval} batch(es) expected"
+    for i in range(interval):
+        ids, mask, labels = (record[f"b{i}/{k}"] for k in BATCH_KEYS)
+        if ids.dtype != "int32" or mask.dtype != "int32" or labels.dtype != "int64":
+            return f"batch {i} has dtypes {ids.dtype}/{mask.dtype}/{labels.dtype}, expected int32/int32/int64"
+        if len(ids.shape) != 2 or tuple(mask.shape) != tuple(ids.shape) or not 0 < ids.shape[0] <= batch_size or ids.shape[1] > max_length:
+            return f"batch {i} has shape {tuple(ids.shape)} (mask {tuple(mask.shape)}), expected (<= {batch_size}, <= {max_length})"
+        ids_np, labels_np = ids.numpy(), labels.numpy()
+        if ids_np.min() < 0 or ids_np.max() >= vocab_size:
+            return f"batch {i} has token ids outside [0, {vocab_size})"
+        if num_labels is not None and (labels.shape != (ids.shape[0],) or labels_np.min() < 0 or labels_np.max() >= num_labels):
+            return f"batch {i} has labels of shape {tuple(labels.shape)} or outside [0, {num_labels})"
+    return None
+
+
+def unpack_batches(record: ArrayRecord, interval: int) -> list[dict[str, torch.Tensor]]:
+    state = record.to_torch_state_dict()
+    return [{k: state[f"b{i}/{k}"].long() for k in BATCH_KEYS} for i in range(interval)]
+
+
+def pairs_payload(pairs_by_batch: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    return {f"b{i}/{layer}/{part}": t for i, pairs in enumerate(pairs_by_batch) for layer, (x, G) in pairs.items() for part, t in (("x", x), ("G", G))}
+
+
+def pairs_from_payload(tensors: dict[str, torch.Tensor], dims: dict[str, tuple[int, int]], interval: int) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Rebuild [{layer: (x, G)}] per batch, checking names, shapes and finiteness; ValueError on any mismatch."""
+    want = {f"b{i}/{layer}/{p}" for i in range(interval) for layer in dims for p in ("x", "G")}
+    if set(tensors) != want:
+        unknown = sorted(set(tensors) - want)[:3]
+        raise ValueError(f"hidden pairs do not match this client's layers (unknown {unknown}, missing {sorted(want - set(tensors))[:3]})")
+    out = []
+    for i in range(interval):
+        pairs = {}
+        for layer, (d_in, d_out) in dims.items():
+            x, G = tensors[f"b{i}/{layer}/x"], tensors[f"b{i}/{layer}/G"]
+            if x.dim() != 2 or G.dim() != 2 or x.shape[1] != d_in or G.shape[1] != d_out or x.shape[0] != G.shape[0]:
+                raise ValueError(f"layer {layer}: x {tuple(x.shape)} / G {tuple(G.shape)} do not fit (rows, {d_in}) / (rows, {d_out})")
+            if not (torch.isfinite(x).all() and torch.isfinite(G).all()):
+                raise ValueError(f"layer {layer}: NaN or Inf in the hidden pairs")
+            pairs[layer] = (x, G)
+        out.append(pairs)
+    return out

@@ -1,0 +1,38 @@
+"""What every method needs from a run config: its splits, a client's partition, loaders, label count."""
+
+from __future__ import annotations
+
+from fedcola import data, models, train
+
+
+def dataset_splits(config: dict):
+    return data.load_splits(
+        config["dataset"], seed=config["seed"], block_chars=config["data.block-chars"],
+        text_column=config["data.text-column"], label_column=config["data.label-column"],
+    )
+
+
+def num_labels(config: dict) -> int | None:
+    feature = dataset_splits(config)["train"].features.get("label")
+    return feature.num_classes if feature is not None and hasattr(feature, "num_classes") else None
+
+
+def loader(config: dict, ds, shuffle: bool, seed: int, batch_size: int | None = None):
+    tokenizer = None if config["task"] == "image-classification" else models.load_tokenizer(config["model"])
+    return train.make_loader(ds, tokenizer, config["task"], batch_size or config["batch-size"], config["data.max-length"], shuffle, seed)
+
+
+def client_partition(config: dict, partition_id: int, num_partitions: int):
+    return data.load_partition(dataset_splits(config)["train"], config["partitioning"], partition_id, num_partitions, config["seed"])
+
+
+def validation_loader(config: dict):
+    """The server's held-out split (its first ``eval.max-examples`` examples), in a fixed order."""
+    val = dataset_splits(config)["validation"]
+    val = val.select(range(min(len(val), config["eval.max-examples"])))
+    return loader(config, val, shuffle=False, seed=0, batch_size=config["eval.batch-size"])
+
+
+def round_seed(config: dict, server_round: int, partition_id: int) -> int:
+    """Shuffling seed of one client's round: distinct per (seed, round, client), reproducible."""
+    return config["seed"] * 1_000_003 + server_round * 1_009 + partition_id

@@ -1,0 +1,231 @@
+"""``ColA``: the Flower strategy of Collaborative Adaptation with Gradient Learning (arXiv 2404.13844).
+
+One interval (DESIGN.md, "ColA round"): ``query.cola`` -> each sampled client sends I batches (and its
+auxiliary models when the server does not hold them yet); the server runs its frozen base model once
+per batch index over all clients' batches (``fedcola.cola.ColaServer``) and sends each client its own
+rows of (x_m, G_m) in a ``train.cola`` message; the client does gradient learning and replies with
+its updated auxiliary models. A Flower round runs ``local-steps`` intervals, then evaluation.
+
+Use it in your own ServerApp::
+
+    server = ColaServer(model, targets, mode="merged")
+    ColA(server, config, ledger=Ledger(...)).start(grid=grid, num_rounds=10, evaluate_fn=...)
+
+Replies with wrong shapes, dtypes, NaN/Inf, unknown layers or another client's adapter id are
+skipped with a logged reason; the interval goes on with the others.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedcola import cola_fl, wire
+from fedcola.adapters import Adapter
+from fedcola.cola import ColaServer
+from fedcola.ledger import Ledger
+from strategies.screening import reply_problem, skip
+
+QUERY, FIT = f"{MessageType.QUERY}.cola", f"{MessageType.TRAIN}.cola"
+FIT_METRICS = ("rows", "flops", "peak-memory-bytes", "wall-time-s", "partition-id")
+
+
+class ColA(Strategy):
+    """ColA server strategy: holds the frozen base model and every client's auxiliary models (as the
+    server knows them), computes only hidden-representation gradients."""
+
+    def __init__(self, server: ColaServer, config: dict, ledger: Ledger | None = None, vocab_size: int | None = None, num_labels: int | None = None):
+        self.server, self.config, self.ledger = server, config, ledger
+        self.dims = cola_fl.layer_dims(config)
+        self.template = cola_fl.adapter_record(cola_fl.build_adapters(config, seed=0))
+        self.adapters: dict[int, dict[str, Adapter]] = {}
+        self.owner: dict[int, int] = {}  # node id -> adapter id (its partition id) fixed at first contact
+        self.examples: dict[int, int] = {}
+        self.vocab_size = vocab_size or server.model.config.vocab_size
+        self.num_labels = num_labels
+        self._costs: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._server_flops = 0
+        self._step = 0  # the interval's global index: seeds client sampling and the clients' batch draws
+
+    def summary(self) -> None:
+        c = self.config
+        log(INFO, "\tColA: mode %s, %s auxiliary models on %d layers, interval I=%d, wire %s",
+            self.server.mode, c["cola.adapter"], len(self.dims), c["cola.interval"], c["cola.wire-dtype"])
+
+    # --- step 1/2: query ------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Query messages for the sampled clients of this interval."""
+        nodes = sorted(grid.get_node_ids())
+        k = max(1, math.ceil(self.config["fraction-train"] * len(nodes)))
+        sampled = sorted(random.Random(self.config["seed"] * 100_003 + self._step).sample(nodes, k))
+        return [
+            Message(RecordDict({"config": config, "control": ConfigRecord({"step": self._step, "send-adapter": node not in self.adapters})}),
+                    dst_node_id=node, message_type=QUERY)
+            for node in sampled
+        ]
+
+    def _new_adapters(self, record: ArrayRecord) -> dict[str, Adapter]:
+        adapters = cola_fl.build_adapters(self.config, seed=0)
+        cola_fl.load_adapter_record(adapters, record)
+        for a in adapters.values():
+            a.requires_grad_(False)
+        return adapters
+
+    def _accept_queries(self, server_round: int, replies: Iterable[Message]) -> dict[int, list[dict[str, torch.Tensor]]]:
+        c = self.config
+        batches = {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            problem = reply_problem(msg, None, required=("num-examples", "partition-id"))
+            if problem is None:
+                problem = self._check_owner(node, int(msg.content.metric_records["metrics"]["partition-id"]))
+            if problem is None and "batch" not in msg.content.array_records:
+                problem = "query reply has no 'batch' ArrayRecord"
+            if problem is None:
+                problem = cola_fl.check_batches(msg.content.array_records["batch"], c["cola.interval"], c["batch-size"], self.vocab_size, self.num_labels, c["data.max-length"])
+            if problem is None and node not in self.adapters:
+                if "adapter" not in msg.content.array_records:
+                    problem = "first query reply lacks the client's auxiliary models"
+                else:
+                    problem = wire.check_arrays(msg.content.array_records["adapter"], self.template)
+                    if problem is None:
+                        self.adapters[node] = self._new_adapters(msg.content.array_records["adapter"])
+            if problem is not None:
+                skip(server_round, node, problem, self.ledger)
+                continue
+            self.owner.setdefault(node, int(msg.content.metric_records["metrics"]["partition-id"]))
+            self.examples[node] = int(msg.content.metric_records["metrics"]["num-examples"])
+            self._costs[node]["bytes_up"] += sum(wire.nbytes(r) for r in msg.content.array_records.values())
+            batches[node] = cola_fl.unpack_batches(msg.content.array_records["batch"], c["cola.interval"])
+        return batches
+
+    def _check_owner(self, node: int, adapter_id: int) -> str | None:
+        if node in self.owner and self.owner[node] != adapter_id:
+            return f"reply carries adapter id {adapter_id}, but node {node} holds adapter {self.owner[node]}"
+        return None
+
+    # --- step 3/4: hidden gradients -------------------------------------------------------------
+    def hidden_pairs(self, batches: dict[int, list[dict[str, torch.Tensor]]]) -> dict[int, list[dict]]:
+        """One forward + backward per batch index over all clients' batches; per-client rows of (x, G)."""
+        weights = self.examples if self.config["cola.weighting"] == "examples" else None
+        known = self.adapters if self.server.mode == "merged" else {n: self.adapters[n] for n in batches}
+        out: dict[int, list[dict]] = {n: [] for n in batches}
+        for i in range(self.config["cola.interval"]):
+            with FlopCounterMode(display=False) as counter:
+                hg = self.server.hidden_grads({n: b[i] for n, b in batches.items()}, known, weights)
+            self._server_flops += counter.get_total_flops()
+            for n in batches:
+                out[n].append(hg.pairs[n])
+                labels = batches[n][i]["labels"]
+                self._costs[n]["loss"] += hg.loss[n] / self.config["cola.interval"]
+                if self.config["task"] == "classification":
+                    self._costs[n]["correct"] += float((hg.logits[n].argmax(-1) == labels).sum())
+                    self._costs[n]["seen"] += len(labels)
+        return out
+
+    def configure_fit(self, pairs: dict[int, list[dict]], config: ConfigRecord) -> list[Message]:
+        messages = []
+        for node, per_batch in pairs.items():
+            record = wire.pack(cola_fl.pairs_payload(per_batch), self.config["cola.wire-dtype"])
+            self._costs[node]["bytes_down"] += wire.nbytes(record)
+            messages.append(Message(RecordDict({"pairs": record, "config": config}), dst_node_id=node, message_type=FIT))
+        return messages
+
+    # --- step 6: updated auxiliary models -------------------------------------------------------
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Take each client's updated auxiliary models (the server re-merges them next interval)."""
+        kept = 0
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            problem = reply_problem(msg, self.template, required=FIT_METRICS, arrays_key="adapter")
+            if problem is None:
+                problem = self._check_owner(node, int(msg.content.metric_records["metrics"]["partition-id"]))
+            if problem is not None:
+                skip(server_round, node, problem, self.ledger)
+                continue
+            cola_fl.load_adapter_record(self.adapters[node], msg.content.array_records["adapter"])
+            m = msg.content.metric_records["metrics"]
+            cost = self._costs[node]
+            cost["bytes_up"] += wire.nbytes(msg.content.array_records["adapter"])
+            cost["flops"] += int(m["flops"])
+            cost["wall_time_s"] += float(m["wall-time-s"])
+            cost["peak_memory_bytes"] = max(cost["peak_memory_bytes"], int(m["peak-memory-bytes"]))
+            cost["steps"] += 1
+            kept += 1
+        return None, MetricRecord({"clients": kept})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []  # evaluation is server-side on a held-out split (evaluate_fn)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def _flush_round(self, server_round: int) -> MetricRecord:
+        """Write this round's per-client costs to the ledger; return the round's training metrics."""
+        losses, correct, seen = [], 0.0, 0.0
+        for node, cost in self._costs.items():
+            steps = max(cost["steps"], 1)
+            losses.append(cost["loss"] / steps)
+            correct, seen = correct + cost["correct"], seen + cost["seen"]
+            if self.ledger is not None:
+                self.ledger.client(server_round, {
+                    "node_id": node, "partition_id": self.owner.get(node, -1), "num_examples": self.examples.get(node, 0),
+                    "loss": cost["loss"] / steps, "bytes_up": int(cost["bytes_up"]), "bytes_down": int(cost["bytes_down"]),
+                    "flops": int(cost["flops"]), "peak_memory_bytes": int(cost["peak_memory_bytes"]), "wall_time_s": cost["wall_time_s"],
+                })
+        if self.ledger is not None:
+            self.ledger.server(server_round, flops=int(self._server_flops))
+        metrics = {"train-loss": sum(losses) / max(len(losses), 1), "server-flops": float(self._server_flops)}
+        if seen:
+            metrics["train-accuracy"] = correct / seen
+        self._costs.clear()
+        self._server_flops = 0
+        return MetricRecord(metrics)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        """Run ``num_rounds`` rounds of ``local-steps`` ColA intervals each (the multi-step round)."""
+        log(INFO, "Starting ColA strategy:")
+        self.summary()
+        config = ConfigRecord() if train_config is None else train_config
+        result = Result()
+        empty = ArrayRecord()
+        if evaluate_fn:
+            result.evaluate_metrics_serverapp[0] = evaluate_fn(0, empty)
+        self._wait_for_nodes(grid, timeout)
+        for rnd in range(1, num_rounds + 1):
+            if self.ledger is not None:
+                self.ledger.begin_round(rnd)
+            for step in range(self.config["local-steps"]):
+                config["server-round"] = rnd
+                self._step = (rnd - 1) * self.config["local-steps"] + step
+                replies = grid.send_and_receive(self.configure_train(rnd, empty, config, grid), timeout=timeout)
+                batches = self._accept_queries(rnd, replies)
+                if not batches:
+                    log(WARNING, "round %d step %d: no usable query reply; skipping the interval", rnd, step)
+                    continue
+                fit_replies = grid.send_and_receive(self.configure_fit(self.hidden_pairs(batches), config), timeout=timeout)
+                self.aggregate_train(rnd, fit_replies)
+            result.train_metrics_clientapp[rnd] = self._flush_round(rnd)
+            log(INFO, "round %d: %s", rnd, result.train_metrics_clientapp[rnd])
+            if evaluate_fn:
+                result.evaluate_metrics_serverapp[rnd] = evaluate_fn(rnd, empty)
+        return result
+
+    def _wait_for_nodes(self, grid: Grid, timeout: float) -> None:
+        """Wait (up to ``timeout``) until ``num-clients`` nodes are connected, as Flower's samplers do."""
+        deadline = time.time() + timeout
+        while len(list(grid.get_node_ids())) < self.config["num-clients"] and time.time() < deadline:
+            time.sleep(1.0)

@@ -1,0 +1,175 @@
+"""ColA's Flower layer: wire format, client state, and bad replies skipped with a reason."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from fedcola import cola_client, cola_fl, config as cfg, models, wire
+from fedcola.cola import ColaServer
+from fedcola.ledger import Ledger
+from strategies.cola import ColA
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny random BERT saved as a local model folder and a local CSV dataset: the real loading paths."""
+    root = tmp_path_factory.mktemp("cola")
+    words = ["good", "bad", "film", "plot", "great", "dull", "fine", "awful"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    (root / "vocab.txt").write_text("\n".join(vocab))
+    tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=2))
+    bert.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    rows = ["text,label"] + [f"{' '.join(rng.choice(words, 5))},{i % 2}" for i in range(80)]
+    (root / "data.csv").write_text("\n".join(rows))
+    config = cfg.build({"method": "cola", "model": str(root / "model"), "dataset": str(root / "data.csv"), "num-clients": 2,
+                        "batch-size": 4, "cola.interval": 2, "data.max-length": 16, "lr": 1e-2})
+    return config
+
+
+def _server(config, ledger=None):
+    model = models.load_model(config["model"], "classification", num_labels=2)
+    return ColA(ColaServer(model, cola_fl.targets_of(config), mode=config["cola.mode"]), config, ledger=ledger, num_labels=2)
+
+
+def _query_reply(config, node, pid, step=0, send_adapter=True):
+    request = Message(RecordDict({"config": ConfigRecord(dict(config)), "control": ConfigRecord({"step": step, "send-adapter": send_adapter})}),
+                      dst_node_id=node, message_type="query.cola")
+    context = Context(run_id=1, node_id=node, node_config={"partition-id": pid, "num-partitions": 2}, state=RecordDict(), run_config={})
+    return cola_client.query(request, context, config, (pid, 2)), context
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32", "bf16"])
+def test_wire_round_trip(dtype):
+    t = {"a": torch.randn(5, 3)}
+    record = wire.pack(t, dtype)
+    back = wire.unpack(record, dtype)["a"]
+    tol = {"fp16": 1e-3, "fp32": 0, "bf16": 1e-2}[dtype]
+    assert torch.allclose(back, t["a"], rtol=tol, atol=tol)
+    assert wire.nbytes(record) < wire.nbytes(wire.pack(t, "fp32")) or dtype == "fp32"
+    with pytest.raises(ValueError, match="expected"):
+        wire.unpack(record, "fp32" if dtype != "fp32" else "fp16")
+
+
+def test_client_state_round_trips_through_context(setup):
+    config = setup
+    reply, context = _query_reply(config, node=5, pid=0)
+    client = cola_client.load_client(context, config, 0)
+    dims = cola_fl.layer_dims(config)
+    pairs = [{layer: (torch.randn(7, d_in), torch.randn(7, d_out) * 1e-2) for layer, (d_in, d_out) in dims.items()} for _ in range(2)]
+    for p in pairs:
+        client.step(p)
+    cola_client.save_client(context, client)
+    again = cola_client.load_client(context, config, 0)
+    for layer in dims:
+        for (n, a), (_, b) in zip(client.adapters[layer].state_dict().items(), again.adapters[layer].state_dict().items()):
+            assert torch.equal(a, b), n
+    s1, s2 = client.optimizer.state_dict()["state"], again.optimizer.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(torch.as_tensor(s1[i][k]), torch.as_tensor(s2[i][k])) for i in s1 for k in s1[i])
+
+
+def test_an_interval_updates_the_clients_adapters(setup):
+    config = setup
+    strategy = _server(config)
+    replies, contexts = zip(*[_query_reply(config, node=n, pid=n - 1) for n in (1, 2)])
+    batches = strategy._accept_queries(1, replies)
+    assert sorted(batches) == [1, 2] and len(batches[1]) == 2
+    fits = strategy.configure_fit(strategy.hidden_pairs(batches), ConfigRecord(dict(config)))
+    before = {n: {k: v.clone() for k, v in cola_fl.adapter_record(strategy.adapters[n]).to_torch_state_dict().items()} for n in (1, 2)}
+    answers = [cola_client.fit(m, contexts[m.metadata.dst_node_id - 1], config, (m.metadata.dst_node_id - 1, 2)) for m in fits]
+    _, metrics = strategy.aggregate_train(1, answers)
+    assert metrics["clients"] == 2
+    for n in (1, 2):
+        after = cola_fl.adapter_record(strategy.adapters[n]).to_torch_state_dict()
+        assert any(not torch.equal(after[k], before[n][k]) for k in after)
+
+
+def _corrupt_batch(reply, key, value):
+    batch = reply.content.array_records["batch"].to_torch_state_dict()
+    batch[key] = value
+    reply.content.array_records["batch"] = ArrayRecord(batch)
+    return reply
+
+
+def test_bad_query_replies_are_skipped_with_reasons(setup, tmp_path):
+    config = setup
+    ledger = Ledger(tmp_path / "l.json", "cola", config)
+    strategy = _server(config, ledger)
+    ok, _ = _query_reply(config, 1, 0)
+    ids = ok.content.array_records["batch"]["b0/input_ids"].numpy()
+    shape, _ = _query_reply(config, 2, 1)
+    _corrupt_batch(shape, "b0/input_ids", torch.zeros(ids.shape[0], ids.shape[1] + 1, dtype=torch.int32))
+    dtype, _ = _query_reply(config, 3, 0)
+    _corrupt_batch(dtype, "b0/input_ids", torch.zeros(ids.shape, dtype=torch.float32))
+    vocab, _ = _query_reply(config, 4, 1)
+    _corrupt_batch(vocab, "b0/input_ids", torch.full(ids.shape, 10_000, dtype=torch.int32))
+    nan, _ = _query_reply(config, 5, 0)
+    adapter = nan.content.array_records["adapter"].to_torch_state_dict()
+    first = next(iter(adapter))
+    adapter[first] = torch.full_like(adapter[first], float("nan"))
+    nan.content.array_records["adapter"] = ArrayRecord(adapter)
+    unknown, _ = _query_reply(config, 6, 1)
+    adapter = unknown.content.array_records["adapter"].to_torch_state_dict()
+    adapter["bert.encoder.layer.9.attention.self.query/A"] = adapter.pop(first)
+    unknown.content.array_records["adapter"] = ArrayRecord(adapter)
+    kept = strategy._accept_queries(1, [ok, shape, dtype, vocab, nan, unknown])
+    assert list(kept) == [1]
+    reasons = {s["node_id"]: s["reason"] for s in ledger._round["skipped"]}
+    assert "shape" in reasons[2] and "dtypes" in reasons[3] and "token ids" in reasons[4]
+    assert "NaN" in reasons[5] and "names differ" in reasons[6]
+
+
+def test_another_clients_adapter_id_is_rejected(setup, tmp_path):
+    config = setup
+    ledger = Ledger(tmp_path / "l.json", "cola", config)
+    strategy = _server(config, ledger)
+    first, _ = _query_reply(config, 1, 0)
+    strategy._accept_queries(1, [first])
+    impostor, _ = _query_reply(config, 1, 1, send_adapter=False)  # node 1 now claims partition 1's adapter
+    assert strategy._accept_queries(1, [impostor]) == {}
+    assert "holds adapter 0" in ledger._round["skipped"][0]["reason"]
+
+
+def test_bad_fit_replies_are_skipped(setup, tmp_path):
+    config = setup
+    ledger = Ledger(tmp_path / "l.json", "cola", config)
+    strategy = _server(config, ledger)
+    (q, ctx) = _query_reply(config, 1, 0)
+    batches = strategy._accept_queries(1, [q])
+    fit_msg = strategy.configure_fit(strategy.hidden_pairs(batches), ConfigRecord(dict(config)))[0]
+    good = cola_client.fit(fit_msg, ctx, config, (0, 2))
+    state = good.content.array_records["adapter"].to_torch_state_dict()
+    key = next(iter(state))
+    bad_shape = Message(RecordDict({"adapter": ArrayRecord({**state, key: torch.zeros(3, 3)}), "metrics": good.content.metric_records["metrics"]}), reply_to=fit_msg)
+    inf = Message(RecordDict({"adapter": ArrayRecord({**state, key: torch.full_like(state[key], float("inf"))}), "metrics": good.content.metric_records["metrics"]}), reply_to=fit_msg)
+    before = cola_fl.adapter_record(strategy.adapters[1]).to_torch_state_dict()
+    _, metrics = strategy.aggregate_train(1, [bad_shape, inf])
+    assert metrics["clients"] == 0
+    assert all(torch.equal(v, before[k]) for k, v in cola_fl.adapter_record(strategy.adapters[1]).to_torch_state_dict().items())
+    reasons = [s["reason"] for s in ledger._round["skipped"]]
+    assert "shape (3, 3)" in reasons[0] and "NaN or Inf" in reasons[1]
+
+
+def test_client_rejects_malformed_pairs(setup):
+    config = setup
+    dims = cola_fl.layer_dims(config)
+    layer, (d_in, d_out) = next(iter(dims.items()))
+    good = {f"b{i}/{n}/{p}": torch.zeros(3, di if p == "x" else do) for i in range(2) for n, (di, do) in dims.items() for p in ("x", "G")}
+    assert len(cola_fl.pairs_from_payload(good, dims, 2)) == 2
+    with pytest.raises(ValueError, match="do not fit"):
+        cola_fl.pairs_from_payload({**good, f"b0/{layer}/x": torch.zeros(3, d_in + 1)}, dims, 2)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cola_fl.pairs_from_payload({**good, f"b1/{layer}/G": torch.full((3, d_out), float("nan"))}, dims, 2)
+    with pytest.raises(ValueError, match="do not match this client's layers"):
+        cola_fl.pairs_from_payload({**good, "b0/classifier.extra/x": torch.zeros(3, 2)}, dims, 2)
