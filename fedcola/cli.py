@@ -3,6 +3,7 @@
     fedcola run simulations/fedavg_lora_minilm.toml --set rounds=5 --set lr=1e-3
     fedcola keys
     fedcola show runs/<run>
+    fedcola export runs/<run>
 
 Bad input (a missing file, an unknown key, a wrong type, an unknown model or dataset) ends with one
 line on stderr and exit status 2, before any simulation starts.
@@ -36,7 +37,7 @@ def preflight(config: dict) -> None:
     from fedcola import data, models, runtime
 
     splits = runtime.dataset_splits(config)
-    if config["task"] != "image-classification":
+    if config["model"] not in models.FROM_SCRATCH:
         models.resolve(config["model"])
     data.make_partitioner(config["partitioning"], config["num-clients"], config["seed"])
     if len(splits["train"]) < config["num-clients"]:
@@ -110,6 +111,14 @@ def show(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    from fedcola.export import export_run
+
+    for path in export_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedcola", description="Federated ColA, LTE and GreenTrainer on Flower.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,6 +133,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print the summary table of a finished run")
     s.add_argument("run_dir")
     s.set_defaults(func=show)
+    e = sub.add_parser("export", help="write a finished run as transformers / peft folders")
+    e.add_argument("run_dir")
+    e.add_argument("--out", help="destination (default: <run_dir>/export)")
+    e.set_defaults(func=export)
     return p
 
 

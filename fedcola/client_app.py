@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcola import config as cfg
-from fedcola import cola_client, fedavg_lora, train
+from fedcola import cola_client, fedavg_lora, lte_client, runtime, train
 
 app = ClientApp()
 
@@ -24,10 +24,8 @@ def message_config(msg: Message) -> dict:
 
 
 def partition_of(context: Context) -> tuple[int, int]:
-    node = context.node_config
-    if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError("this SuperNode's node config needs partition-id and num-partitions (e.g. --node-config 'partition-id=0 num-partitions=2')")
-    return int(node["partition-id"]), int(node["num-partitions"])
+    node = runtime.node_options(context)
+    return node.partition_id, node.num_partitions
 
 
 @app.train()
@@ -56,3 +54,10 @@ def cola_train_handler(msg: Message, context: Context) -> Message:
     config = message_config(msg)
     torch.set_num_threads(config["client.num-cpus"])
     return cola_client.fit(msg, context, config, partition_of(context))
+
+
+@app.train("lte")
+def lte_train_handler(msg: Message, context: Context) -> Message:
+    config = message_config(msg)
+    torch.set_num_threads(config["client.num-cpus"])
+    return lte_client.lte_train(msg, context, config)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import time
 
-import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedcola import cola_fl, gl, runtime, train, wire
@@ -30,20 +29,13 @@ def load_client(context: Context, config: dict, partition_id: int) -> gl.GLClien
     client = make_client(config, partition_id)
     if ADAPTERS in context.state.array_records:
         cola_fl.load_adapter_record(client.adapters, context.state.array_records[ADAPTERS])
-        flat = context.state.array_records[OPTIMIZER].to_torch_state_dict()
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in flat.items():
-            idx, name = key.split("/", 1)
-            state.setdefault(int(idx), {})[name] = value
-        fresh = client.optimizer.state_dict()
-        client.optimizer.load_state_dict({"state": state, "param_groups": fresh["param_groups"]})
+        train.load_optimizer_record(client.optimizer, context.state.array_records[OPTIMIZER])
     return client
 
 
 def save_client(context: Context, client: gl.GLClient) -> None:
     context.state[ADAPTERS] = cola_fl.adapter_record(client.adapters)
-    opt = client.optimizer.state_dict()["state"]
-    context.state[OPTIMIZER] = ArrayRecord({f"{i}/{k}": torch.as_tensor(v).clone() for i, s in opt.items() for k, v in s.items()})
+    context.state[OPTIMIZER] = train.optimizer_record(client.optimizer)
 
 
 def query(msg: Message, context: Context, config: dict, partition: tuple[int, int]) -> Message:

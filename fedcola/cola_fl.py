@@ -11,9 +11,11 @@ Record layouts (DESIGN.md, "ColA round"):
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
+from safetensors.torch import load_file, save_file
 
 from fedcola import adapters as ad
 from fedcola import models, runtime
@@ -56,6 +58,23 @@ def load_adapter_record(adapters: dict[str, ad.Adapter], record: ArrayRecord) ->
     state = record.to_torch_state_dict()
     for layer, a in adapters.items():
         a.load_state_dict({name: state[f"{layer}/{name}"] for name in a.state_dict()})
+
+
+def save_adapters(path: Path, by_node: dict[int, dict[str, ad.Adapter]]) -> None:
+    """Every client's auxiliary models in one safetensors file, keys ``"<node>/<layer>/<param>"``."""
+    save_file({f"{node}/{k}": v.contiguous() for node, ads in by_node.items() for k, v in adapter_record(ads).to_torch_state_dict().items()}, str(path))
+
+
+def load_adapters(path: Path, config: dict) -> dict[int, dict[str, ad.Adapter]]:
+    """Inverse of ``save_adapters``."""
+    weights = load_file(str(path))
+    out = {}
+    for node in sorted({int(k.split("/", 1)[0]) for k in weights}):
+        adapters = build_adapters(config, seed=0)
+        prefix = f"{node}/"
+        load_adapter_record(adapters, ArrayRecord({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}))
+        out[node] = adapters
+    return out
 
 
 def batch_record(batches: list[dict[str, torch.Tensor]]) -> ArrayRecord:

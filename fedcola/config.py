@@ -45,13 +45,27 @@ DEFAULTS: dict[str, Scalar] = {
     "cola.mlp-hidden": 128,
     "cola.wire-dtype": "fp16",
     "cola.weighting": "equal",
+    "lte.r": 8,
+    "lte.alpha": 16.0,
+    "lte.targets": "",
+    "lte.non-lora": "frozen",
+    "lte.reset": False,
+    "lte.weighted": False,
+    "lte.async": False,
+    "lte.staleness-exponent": 0.5,
+    "lte.max-staleness": 10,
+    "lte.async-mix": 0.0,
+    "scratch.hidden": 64,
+    "scratch.layers": 2,
+    "scratch.heads": 4,
+    "scratch.patch-size": 2,
     "eval.max-examples": 1000,
     "eval.batch-size": 64,
     "client.num-cpus": 1,
     "out-dir": "runs",
 }
 
-METHODS = ("fedavg_lora", "cola")
+METHODS = ("fedavg_lora", "cola", "lte")
 
 
 class ConfigError(ValueError):
@@ -103,7 +117,8 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
     if config["method"] not in METHODS:
         raise ConfigError(f"config key 'method': unknown method '{config['method']}', known: {', '.join(METHODS)}")
     choices = {"cola.mode": ("merged", "unmerged", "detached"), "cola.adapter": ("low-rank", "linear", "mlp"),
-               "cola.wire-dtype": ("fp16", "fp32", "bf16"), "cola.weighting": ("equal", "examples")}
+               "cola.wire-dtype": ("fp16", "fp32", "bf16"), "cola.weighting": ("equal", "examples"),
+               "lte.non-lora": ("frozen", "replicated")}
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}")

@@ -48,7 +48,7 @@ def summary_table(ledger: dict) -> Table:
     for r in ledger["rounds"]:
         s, cs = r["server"], r["clients"]
         table.add_row(
-            str(r["round"]), f"{s.get(metric, float('nan')):.4f}", f"{s.get('loss', float('nan')):.4f}", str(len(cs)), str(len(r["skipped"])),
+            str(r["round"]), f"{s.get(metric, float('nan')):.4g}", f"{s.get('loss', float('nan')):.4f}", str(len(cs)), str(len(r["skipped"])),
             f"{sum(c['bytes_up'] for c in cs) / 2**20:.2f}", f"{sum(c['bytes_down'] for c in cs) / 2**20:.2f}",
             f"{sum(c['flops'] for c in cs) / 1e9:.1f}", f"{r['wall_time_s']:.1f}",
         )

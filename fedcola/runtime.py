@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from flwr.app import Context
+
 from fedcola import data, models, train
+from fedcola.char_tokenizer import dataset_char_tokenizer
 
 
 def dataset_splits(config: dict):
@@ -17,9 +22,17 @@ def num_labels(config: dict) -> int | None:
     return feature.num_classes if feature is not None and hasattr(feature, "num_classes") else None
 
 
+def tokenizer(config: dict):
+    """Character-level for text models trained from scratch, the model's own tokenizer otherwise."""
+    if config["task"] == "image-classification":
+        return None
+    if config["model"] in models.FROM_SCRATCH:
+        return dataset_char_tokenizer(config["dataset"], config["seed"], config["data.block-chars"])
+    return models.load_tokenizer(config["model"])
+
+
 def loader(config: dict, ds, shuffle: bool, seed: int, batch_size: int | None = None):
-    tokenizer = None if config["task"] == "image-classification" else models.load_tokenizer(config["model"])
-    return train.make_loader(ds, tokenizer, config["task"], batch_size or config["batch-size"], config["data.max-length"], shuffle, seed)
+    return train.make_loader(ds, tokenizer(config), config["task"], batch_size or config["batch-size"], config["data.max-length"], shuffle, seed)
 
 
 def client_partition(config: dict, partition_id: int, num_partitions: int):
@@ -36,3 +49,22 @@ def validation_loader(config: dict):
 def round_seed(config: dict, server_round: int, partition_id: int) -> int:
     """Shuffling seed of one client's round: distinct per (seed, round, client), reproducible."""
     return config["seed"] * 1_000_003 + server_round * 1_009 + partition_id
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeOptions:
+    """What a SuperNode's ``node_config`` says: its partition and its straggler factor."""
+
+    partition_id: int
+    num_partitions: int
+    slowdown: float
+
+
+def node_options(context: Context) -> NodeOptions:
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError("this SuperNode's node config needs partition-id and num-partitions (e.g. --node-config 'partition-id=0 num-partitions=2')")
+    slowdown = float(node.get("slowdown", 1.0))
+    if slowdown < 1.0:
+        raise ValueError(f"node config slowdown must be >= 1, got {slowdown}")
+    return NodeOptions(int(node["partition-id"]), int(node["num-partitions"]), slowdown)

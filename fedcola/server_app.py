@@ -16,11 +16,12 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
 from fedcola import config as cfg
-from fedcola import cola_fl, fedavg_lora, models, report, runtime, train
+from fedcola import cola_fl, fedavg_lora, lte_client, models, report, runtime, train
 from fedcola.cola import ColaServer
 from fedcola.ledger import Ledger
 from strategies.cola import ColA
 from strategies.fedavg_lora import FedAvgLoRA
+from strategies.lte import make_strategy as make_lte_strategy
 
 
 def new_run_dir(config: dict) -> Path:
@@ -75,8 +76,18 @@ def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> None:
         return _record_eval(ledger, server_round, metrics)
 
     strategy.start(grid=grid, num_rounds=config["rounds"], train_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_fn)
-    save_file({f"{node}/{k}": v.contiguous() for node, ads in strategy.adapters.items()
-               for k, v in cola_fl.adapter_record(ads).to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
+    cola_fl.save_adapters(run_dir / "final.safetensors", strategy.adapters)
+
+
+def run_lte(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> None:
+    """LTE: the fp32 master W, merged from the clients' low-rank deltas; evaluated on the server."""
+    strategy, weights = make_lte_strategy(config, ledger)
+    evaluate = lte_client.make_evaluator(config)
+    result = strategy.start(
+        grid=grid, initial_arrays=weights, num_rounds=config["rounds"], train_config=ConfigRecord(dict(config)),
+        evaluate_fn=lambda server_round, arrays: _record_eval(ledger, server_round, evaluate(arrays)),
+    )
+    save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
 
 
 def run_server(grid: Grid, config: dict, run_dir: Path) -> Ledger:
@@ -85,7 +96,7 @@ def run_server(grid: Grid, config: dict, run_dir: Path) -> Ledger:
     ledger = Ledger(run_dir / "ledger.json", config["method"], config)
     ledger.save()
     try:
-        {"fedavg_lora": run_fedavg_lora, "cola": run_cola}[config["method"]](grid, config, run_dir, ledger)
+        {"fedavg_lora": run_fedavg_lora, "cola": run_cola, "lte": run_lte}[config["method"]](grid, config, run_dir, ledger)
         last = ledger.rounds[-1]["server"]
         ledger.finish("completed", **{k: last[k] for k in ("loss", train.metric_name(config["task"])) if k in last})
     except BaseException as err:

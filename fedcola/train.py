@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
+from flwr.app import ArrayRecord
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils import flop_counter
@@ -81,6 +82,20 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     if name not in optimizers:
         raise ValueError(f"unknown optimizer '{name}': known are {', '.join(optimizers)}")
     return optimizers[name](params, lr=lr, weight_decay=weight_decay)
+
+
+def optimizer_record(optimizer: torch.optim.Optimizer) -> ArrayRecord:
+    """Optimizer state as an ArrayRecord ``"<param index>/<name>"`` (for ``context.state`` / checkpoints)."""
+    return ArrayRecord({f"{i}/{k}": torch.as_tensor(v).detach().clone() for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()})
+
+
+def load_optimizer_record(optimizer: torch.optim.Optimizer, record: ArrayRecord) -> None:
+    """Inverse of ``optimizer_record``; hyper-parameters stay those the optimizer was built with."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in record.to_torch_state_dict().items():
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 def train_steps(model: nn.Module, batches: Iterator[dict], steps: int, optimizer: torch.optim.Optimizer) -> StepStats:

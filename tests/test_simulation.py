@@ -36,8 +36,11 @@ def _leftovers(tag, grace_s=15.0):
     return left
 
 
-@pytest.mark.parametrize("config,weight_key", [("fedavg_lora_minilm.toml", "lora_A"), ("cola_minilm_rt.toml", "/A")])
-def test_simulation_smoke(tmp_path, config, weight_key):
+@pytest.mark.parametrize("config,weight_key,metric", [
+    ("fedavg_lora_minilm.toml", "classifier", "accuracy"), ("cola_minilm_rt.toml", "classifier/A", "accuracy"),
+    ("lte_gpt_hamlet.toml", "self_attn.q_proj.W", "perplexity"),
+])
+def test_simulation_smoke(tmp_path, config, weight_key, metric):
     tag = uuid.uuid4().hex
     run_dir = tmp_path / "run"
     proc = subprocess.run(
@@ -52,11 +55,11 @@ def test_simulation_smoke(tmp_path, config, weight_key):
     assert [r["round"] for r in result["rounds"]] == [0, 1]
     clients = result["rounds"][1]["clients"]
     assert sorted(c["partition_id"] for c in clients) == [0, 1]
-    assert all(c["flops"] > 0 and c["bytes_up"] > 0 and c["num_examples"] > 2000 for c in clients)
-    assert 0.0 <= result["rounds"][1]["server"]["accuracy"] <= 1.0
+    assert all(c["flops"] > 0 and c["bytes_up"] > 0 and c["num_examples"] > 100 for c in clients)
+    assert result["rounds"][1]["server"][metric] > 0
     assert (run_dir / "curves.png").stat().st_size > 10_000
     weights = load_file(str(run_dir / "final.safetensors"))
-    assert any(weight_key in k for k in weights) and any("classifier" in k for k in weights)
+    assert any(weight_key in k for k in weights)
     assert f"{result['method']} · completed" in proc.stdout
     leftover = _leftovers(tag)
     assert not leftover, f"processes left behind: {[' '.join(p.cmdline())[:80] for p in leftover]}"

@@ -1,0 +1,310 @@
+"""LTE strategies (LoRA-the-Explorer, Huh et al., arXiv 2402.16828) for Flower's Message API.
+
+:class:`LTE` is the paper's synchronous round: every sampled client trains its own LoRA head for
+T steps against the server's ``W`` and replies with its low-rank delta; the server merges
+``W <- W + mean_n delta_n`` (fp32 master, ``fedcola.lte.merge``) and next round sends each client
+the merged update as factors (dense where smaller) so it can advance its own ``W``.
+
+:class:`LTEAsync` merges each delta as it arrives, discounted by staleness
+``(1 + staleness) ** -a`` (``fedcola.lte.merge_async``), and re-dispatches that client at once with
+the *accumulated* merged updates since the version it trained against (the same factors every
+client receives, applied in order, so its ``W`` stays bit-identical to the server's); when those
+would outweigh the dense weights, or are older than the kept history, it gets a full ``W`` instead.
+
+Message layout: ``fedcola.lte_client``. Replies are screened like every fedcola strategy
+(``strategies.screening``): a client error, missing metrics, wrong keys, shapes or rank, or
+non-finite values skip that reply with a logged reason and a ledger entry; the run goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info, sample_nodes
+from torch import Tensor
+
+from fedcola.ledger import Ledger
+from fedcola.lte import Delta, InvalidDeltaError, merge, merge_async, staleness_weight, validate_delta
+from fedcola.lte_client import delta_record, initial_arrays, lte_options, record_delta
+from fedcola.wire import nbytes
+from strategies.screening import screen, skip
+
+MESSAGE_TYPE = "train.lte"
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+class LTE(Strategy):
+    """Synchronous LTE. ``start(grid, initial_arrays=W, num_rounds, train_config=ConfigRecord(config),
+    evaluate_fn=...)`` as any Flower strategy; ``initial_arrays`` holds the mergeable weights
+    (``fedcola.lte.base_weights``), ``frozen_arrays`` the frozen non-LoRA parameters sent with
+    every full sync. ``r`` (head rank) bounds the accepted factor rank at ``2 r``; ``weighted``
+    weights the mean by examples (the paper: plain mean)."""
+
+    def __init__(
+        self,
+        *,
+        r: int | None = None,
+        frozen_arrays: ArrayRecord | None = None,
+        fraction_train: float = 1.0,
+        min_available_nodes: int = 1,
+        weighted: bool = False,
+        ledger: Ledger | None = None,
+        message_type: str = MESSAGE_TYPE,
+    ) -> None:
+        self.r = r
+        self.frozen = frozen_arrays if frozen_arrays is not None else ArrayRecord()
+        self.fraction_train = fraction_train
+        self.min_available_nodes = min_available_nodes
+        self.weighted = weighted
+        self.ledger = ledger
+        self.message_type = message_type
+        self.W: dict[str, Tensor] = {}
+        self.version = 0
+        self.history: dict[int, dict[str, Delta]] = {}  # version v -> merged update from v - 1 to v
+        self.history_size = 1
+        self.sent: dict[int, tuple[int, int]] = {}  # node -> (version its W holds, bytes sent)
+        self._round_nodes: list[int] = []
+
+    # --- sending -------------------------------------------------------------------------------
+
+    def _init_weights(self, arrays: ArrayRecord) -> None:
+        if not self.W:
+            self.W = {k: v.float() for k, v in arrays.to_torch_state_dict().items()}
+
+    def _payload(self, node: int) -> RecordDict:
+        """The merged updates the node lacks, or the full ``W`` + frozen parameters if that is smaller or
+        the node's version is unknown or older than the kept history."""
+        full = RecordDict({"weights": ArrayRecord(self.W), "frozen": self.frozen,
+                           "lte": ConfigRecord({"version": self.version, "base": -1})})
+        base = self.sent.get(node, (None, 0))[0]
+        missing = range(base + 1, self.version + 1) if base is not None else None
+        if missing is None or any(v not in self.history for v in missing):
+            return full
+        updates = {f"update.{v}": delta_record(self.history[v]) for v in missing}
+        if sum(map(nbytes, updates.values())) >= sum(map(nbytes, full.array_records.values())):
+            return full
+        return RecordDict(updates | {"lte": ConfigRecord({"version": self.version, "base": base})})
+
+    def _message(self, node: int, config: ConfigRecord, server_round: int) -> Message:
+        content = self._payload(node)
+        content["config"] = ConfigRecord(dict(config) | {"server-round": server_round})
+        self.sent[node] = (self.version, sum(nbytes(r) for r in content.array_records.values()))
+        return Message(content, dst_node_id=node, message_type=self.message_type, group_id=str(server_round))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._init_weights(arrays)
+        if self.ledger is not None:
+            self.ledger.begin_round(server_round)
+        sample_size = max(1, int(len(list(grid.get_node_ids())) * self.fraction_train))
+        self._round_nodes, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        return [self._message(node, config, server_round) for node in self._round_nodes]
+
+    # --- receiving -----------------------------------------------------------------------------
+
+    def _delta(self, msg: Message) -> dict[str, Delta] | str:
+        """The reply's validated delta, or why it cannot be merged (client errors: ``{}``, left to ``screen``)."""
+        if msg.has_error():
+            return {}
+        node = msg.metadata.src_node_id
+        if node not in self.sent:
+            return "reply from a node with no outstanding work"
+        if "arrays" not in msg.content.array_records:
+            return "reply has no 'arrays' ArrayRecord"
+        metrics = msg.content.metric_records.get("metrics", {})
+        if "base-version" in metrics and int(metrics["base-version"]) != self.sent[node][0]:
+            return f"trained against W version {metrics['base-version']}, was sent {self.sent[node][0]}"
+        try:
+            delta = record_delta(msg.content.array_records["arrays"])
+            validate_delta(self.W, delta, self.r)
+        except InvalidDeltaError as err:
+            return str(err)
+        return delta
+
+    def _screen(self, server_round: int, replies: Iterable[Message]) -> list[tuple[Message, dict[str, Delta]]]:
+        """Usable replies with their deltas; the others are logged and recorded as skipped."""
+        kept = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():  # it may not have applied what it was sent: full sync next time
+                self.sent.pop(node, None)
+            delta = self._delta(msg)
+            if isinstance(delta, str):
+                skip(server_round, node, delta, self.ledger)
+            elif screen(server_round, [msg], None, self.ledger, self.sent.get(node, (0, 0))[1]):
+                kept.append((msg, delta))
+        return kept
+
+    def _advance(self, update: dict[str, Delta]) -> None:
+        self.version += 1
+        self.history[self.version] = update
+        self.history.pop(self.version - self.history_size, None)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in set(self._round_nodes) - answered:
+            self.sent.pop(node, None)  # no reply: unknown whether it applied the update
+        kept = self._screen(server_round, replies)
+        if not kept:
+            log(WARNING, "round %d: no usable reply, W unchanged", server_round)
+            return None, None
+        examples = [float(m.content.metric_records["metrics"]["num-examples"]) for m, _ in kept]
+        weights = examples if self.weighted else None
+        self._advance(merge(self.W, [d for _, d in kept], weights, r=self.r))
+        losses = [float(m.content.metric_records["metrics"]["train-loss"]) for m, _ in kept]
+        metrics = MetricRecord({
+            "train-loss": sum(loss * n for loss, n in zip(losses, examples)) / sum(examples),
+            "num-merged": len(kept), "version": self.version,
+        })
+        return ArrayRecord(self.W), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []  # evaluation is server-side (evaluate_fn)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log(INFO, "\t├── %s: head rank r=%s, %s mean, %d mergeable tensors", type(self).__name__, self.r,
+            "example-weighted" if self.weighted else "plain", len(self.W))
+
+
+class LTEAsync(LTE):
+    """Asynchronous LTE: each delta is merged on arrival with weight
+    ``mix * (1 + staleness) ** -staleness_exponent``, where staleness is the number of merges since
+    the version the client trained against; deltas staler than ``max_staleness`` are dropped (logged,
+    ledger ``skipped``). ``mix`` defaults to ``1 / number of nodes`` (a synchronous round's step).
+
+    ``start`` runs ``num_rounds * merges_per_round`` merges (``merges_per_round`` defaults to the
+    number of nodes); ``evaluate_fn`` and the ledger round close after every ``merges_per_round``
+    merges. ``merge_log`` lists every merge (round, node, partition, base version, staleness, weight).
+    A node whose last ``max_failures`` replies were all unusable is not re-dispatched."""
+
+    def __init__(
+        self,
+        *,
+        staleness_exponent: float = 0.5,
+        max_staleness: int = 10,
+        mix: float | None = None,
+        merges_per_round: int | None = None,
+        poll_interval: float = 0.1,
+        max_failures: int = 3,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.staleness_exponent = staleness_exponent
+        self.max_staleness = max_staleness
+        self.mix = mix
+        self.merges_per_round = merges_per_round
+        self.poll_interval = poll_interval
+        self.max_failures = max_failures
+        self.history_size = max_staleness + 1
+        self.merge_log: list[dict[str, float | int]] = []
+
+    def _delta(self, msg: Message) -> dict[str, Delta] | str:
+        delta = super()._delta(msg)
+        if isinstance(delta, dict) and not msg.has_error():
+            staleness = self.version - self.sent[msg.metadata.src_node_id][0]
+            if staleness > self.max_staleness:
+                return f"delta staleness {staleness} > max_staleness {self.max_staleness}; dropped"
+        return delta
+
+    def _merge_reply(self, period: int, msg: Message, mix: float) -> bool:
+        """Screen and merge one reply at once; True if it was merged."""
+        kept = self._screen(period, [msg])
+        if not kept:
+            return False
+        node, delta = msg.metadata.src_node_id, kept[0][1]
+        base = self.sent[node][0]
+        staleness = self.version - base
+        self._advance(merge_async(self.W, delta, staleness, self.staleness_exponent, self.max_staleness, mix, self.r))
+        self.merge_log.append({
+            "round": period, "node_id": node, "partition_id": int(msg.content.metric_records["metrics"]["partition-id"]),
+            "base_version": base, "version": self.version, "staleness": staleness,
+            "weight": mix * staleness_weight(staleness, self.staleness_exponent),
+        })
+        if self.ledger is not None:
+            self.ledger.server(period, merges=[m for m in self.merge_log if m["round"] == period])
+        return True
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> Result:
+        """Push work to every node, pull replies as they come, merge each at once and re-dispatch
+        its sender, until ``num_rounds * merges_per_round`` merges (or ``timeout`` s without a reply)."""
+        log(INFO, "Starting %s strategy:", type(self).__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self._init_weights(initial_arrays)
+        self.summary()
+        config = ConfigRecord() if train_config is None else train_config
+        result = Result()
+        if evaluate_fn is not None and (res := evaluate_fn(0, initial_arrays)) is not None:
+            result.evaluate_metrics_serverapp[0] = res
+        _, nodes = sample_nodes(grid, self.min_available_nodes, 1)
+        self._per_round = self.merges_per_round or len(nodes)
+        mix = self.mix if self.mix is not None else 1.0 / len(nodes)
+        target, period, merges = num_rounds * self._per_round, 1, 0
+        if self.ledger is not None:
+            self.ledger.begin_round(period)
+        in_flight = set(grid.push_messages([self._message(n, config, period) for n in nodes]))
+        last_reply, failures = time.time(), {}
+        while merges < target and in_flight:
+            replies = list(grid.pull_messages(in_flight))
+            if not replies:
+                if time.time() - last_reply > timeout:
+                    log(WARNING, "no reply for %.0f s: stopping after %d of %d merges", timeout, merges, target)
+                    break
+                time.sleep(self.poll_interval)
+                continue
+            last_reply = time.time()
+            for msg in replies:
+                in_flight.discard(msg.metadata.reply_to_message_id)
+                if merges >= target:
+                    continue
+                node = msg.metadata.src_node_id
+                merged = self._merge_reply(period, msg, mix)
+                failures[node] = 0 if merged else failures.get(node, 0) + 1
+                if merged:
+                    merges += 1
+                    if merges % self._per_round == 0:
+                        result.arrays = ArrayRecord(self.W)
+                        if evaluate_fn is not None and (res := evaluate_fn(period, result.arrays)) is not None:
+                            result.evaluate_metrics_serverapp[period] = res
+                        period += 1
+                        if self.ledger is not None and merges < target:
+                            self.ledger.begin_round(period)
+                if failures[node] >= self.max_failures:
+                    log(WARNING, "node %d: %d unusable replies in a row, not re-dispatched", node, failures[node])
+                elif merges < target:
+                    in_flight.update(grid.push_messages([self._message(node, config, period)]))
+        result.arrays = ArrayRecord(self.W)
+        log(INFO, "%s: %d merges, W version %d, %d messages still in flight (ignored)", type(self).__name__, merges, self.version, len(in_flight))
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        return result
+
+
+def make_strategy(config: dict, ledger: Ledger | None = None) -> tuple[LTE, ArrayRecord]:
+    """The run's LTE strategy (``lte.async`` picks :class:`LTEAsync`) and its initial ``W``."""
+    opts = lte_options(config)
+    weights, frozen = initial_arrays(config)
+    common = dict(r=opts.r, frozen_arrays=frozen, fraction_train=config["fraction-train"],
+                  min_available_nodes=config["num-clients"], weighted=opts.weighted, ledger=ledger)
+    if opts.asynchronous:
+        return LTEAsync(staleness_exponent=opts.staleness_exponent, max_staleness=opts.max_staleness,
+                        mix=opts.async_mix or None, **common), weights
+    return LTE(**common), weights
