@@ -45,9 +45,14 @@ def query(msg: Message, context: Context, config: dict, partition: tuple[int, in
     client = load_client(context, config, pid)
     if ADAPTERS not in context.state.array_records:
         save_client(context, client)
-    part = runtime.client_partition(config, pid, n)
-    loader = iter(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, int(control["step"]), pid)))
-    batches = [next(loader) for _ in range(config["cola.interval"])]
+    if control.get("split", "train") == "validation":  # client-side evaluation: (a prefix of) the local held-out split
+        part = runtime.client_split(config, pid, n, "validation")
+        part = part.select(range(min(len(part), config["eval.client-max-examples"])))
+        batches = list(runtime.loader(config, part, shuffle=False, seed=0))
+    else:
+        part = runtime.client_split(config, pid, n)
+        loader = iter(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, int(control["step"]), pid)))
+        batches = [next(loader) for _ in range(config["cola.interval"])]
     content = RecordDict({"batch": cola_fl.batch_record(batches), "metrics": MetricRecord({"num-examples": len(part), "partition-id": pid})})
     if control["send-adapter"]:
         content["adapter"] = context.state.array_records[ADAPTERS]

@@ -86,12 +86,17 @@ def batch_record(batches: list[dict[str, torch.Tensor]]) -> ArrayRecord:
     return ArrayRecord(out)
 
 
-def check_batches(record: ArrayRecord, interval: int, batch_size: int, vocab_size: int, num_labels: int | None, max_length: int) -> str | None:
-    """Why a client's batch record is unusable (missing keys, shapes, dtypes, token ids or labels out of range), or None."""
-    want = {f"b{i}/{k}" for i in range(interval) for k in BATCH_KEYS}
-    if set(record.keys()) != want:
-        return f"batch record keys differ from the {interval} batch(es) expected"
-    for i in range(interval):
+def batch_count(record: ArrayRecord) -> int:
+    return len(record.keys()) // len(BATCH_KEYS)
+
+
+def check_batches(record: ArrayRecord, max_batches: int, batch_size: int, vocab_size: int, num_labels: int | None, max_length: int) -> str | None:
+    """Why a client's batch record is unusable (count, keys, shapes, dtypes, token ids or labels out of range), or None."""
+    count = batch_count(record)
+    want = {f"b{i}/{k}" for i in range(count) for k in BATCH_KEYS}
+    if not 0 < count <= max_batches or set(record.keys()) != want:
+        return f"batch record keys differ from 1..{max_batches} batch(es) of {', '.join(BATCH_KEYS)}"
+    for i in range(count):
         ids, mask, labels = (record[f"b{i}/{k}"] for k in BATCH_KEYS)
         if ids.dtype != "int32" or mask.dtype != "int32" or labels.dtype != "int64":
             return f"batch {i} has dtypes {ids.dtype}/{mask.dtype}/{labels.dtype}, expected int32/int32/int64"
@@ -105,9 +110,9 @@ def check_batches(record: ArrayRecord, interval: int, batch_size: int, vocab_siz
     return None
 
 
-def unpack_batches(record: ArrayRecord, interval: int) -> list[dict[str, torch.Tensor]]:
+def unpack_batches(record: ArrayRecord) -> list[dict[str, torch.Tensor]]:
     state = record.to_torch_state_dict()
-    return [{k: state[f"b{i}/{k}"].long() for k in BATCH_KEYS} for i in range(interval)]
+    return [{k: state[f"b{i}/{k}"].long() for k in BATCH_KEYS} for i in range(batch_count(record))]
 
 
 def pairs_payload(pairs_by_batch: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:

@@ -60,6 +60,8 @@ DEFAULTS: dict[str, Scalar] = {
     "scratch.heads": 4,
     "scratch.patch-size": 2,
     "eval.max-examples": 1000,
+    "eval.client-fraction": 0.1,
+    "eval.client-max-examples": 64,
     "eval.batch-size": 64,
     "client.num-cpus": 1,
     "out-dir": "runs",

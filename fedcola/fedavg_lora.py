@@ -63,7 +63,7 @@ def client_train(config: dict, state: dict[str, torch.Tensor], partition_id: int
     """One round of local LoRA training from the global state; returns the new state and its cost."""
     model = cached_model(config)
     load_trainable(model, state)
-    part = runtime.client_partition(config, partition_id, num_partitions)
+    part = runtime.client_split(config, partition_id, num_partitions)
     batches = train.cycle(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, server_round, partition_id)))
     optimizer = train.make_optimizer(config["optimizer"], [p for p in model.parameters() if p.requires_grad], config["lr"], config["weight-decay"])
     stats = train.train_steps(model, batches, config["local-steps"], optimizer)

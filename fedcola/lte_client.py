@@ -214,7 +214,7 @@ def lte_train(msg: Message, context: Context, config: dict) -> Message:
         train.load_optimizer_record(optimizer, context.state[STATE_OPTIMIZER])
     if opts.reset and rounds > 0:
         reset_heads(model, head_seed(config, node.partition_id, version), optimizer)
-    part = runtime.client_partition(config, node.partition_id, node.num_partitions)
+    part = runtime.client_split(config, node.partition_id, node.num_partitions)
     batches = train.cycle(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, rounds, node.partition_id)))
     stats = train.train_steps(model, batches, config["local-steps"], optimizer)
     time.sleep((node.slowdown - 1.0) * stats.wall_time_s)

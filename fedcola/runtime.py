@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from flwr.app import Context
 
@@ -35,8 +36,20 @@ def loader(config: dict, ds, shuffle: bool, seed: int, batch_size: int | None = 
     return train.make_loader(ds, tokenizer(config), config["task"], batch_size or config["batch-size"], config["data.max-length"], shuffle, seed)
 
 
-def client_partition(config: dict, partition_id: int, num_partitions: int):
-    return data.load_partition(dataset_splits(config)["train"], config["partitioning"], partition_id, num_partitions, config["seed"])
+@functools.lru_cache(maxsize=8)
+def _client_splits(frozen: tuple, partition_id: int, num_partitions: int):
+    config = dict(frozen)
+    part = data.load_partition(dataset_splits(config)["train"], config["partitioning"], partition_id, num_partitions, config["seed"])
+    held_out = max(1, round(len(part) * config["eval.client-fraction"]))
+    return part.train_test_split(test_size=held_out, seed=config["seed"])
+
+
+def client_split(config: dict, partition_id: int, num_partitions: int, split: str = "train"):
+    """A client's local ``train`` or ``validation`` split: its partition, of which ``eval.client-fraction``
+    (fixed seed) is held out for client-side evaluation."""
+    keys = ("dataset", "seed", "data.block-chars", "data.text-column", "data.label-column", "partitioning", "eval.client-fraction")
+    splits = _client_splits(tuple((k, config[k]) for k in keys), partition_id, num_partitions)
+    return splits["train" if split == "train" else "test"]
 
 
 def validation_loader(config: dict):

@@ -131,19 +131,17 @@ def evaluate_logits(logits_fn, loader: DataLoader, task: str) -> dict[str, float
     loss_sum, correct, count, tokens = 0.0, 0, 0, 0
     for batch in loader:
         logits = logits_fn(batch)
+        count += len(batch["labels"])
         if task == "causal-lm":
             labels = batch["labels"][:, 1:]
-            n = int((labels != -100).sum())
             loss_sum += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"))
-            tokens += n
+            tokens += int((labels != -100).sum())
         else:
-            n = len(batch["labels"])
             loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
-            count += n
     if task == "causal-lm":
         loss = loss_sum / max(tokens, 1)
-        return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "num-examples": len(loader.dataset)}
+        return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "num-examples": count}
     return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "num-examples": count}
 
 

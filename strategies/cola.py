@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedcola import cola_fl, wire
+from fedcola import cola_fl, train, wire
 from fedcola.adapters import Adapter
 from fedcola.cola import ColaServer
 from fedcola.ledger import Ledger
@@ -82,8 +82,11 @@ class ColA(Strategy):
             a.requires_grad_(False)
         return adapters
 
-    def _accept_queries(self, server_round: int, replies: Iterable[Message]) -> dict[int, list[dict[str, torch.Tensor]]]:
+    def _accept_queries(self, server_round: int, replies: Iterable[Message], evaluation: bool = False) -> dict[int, list[dict[str, torch.Tensor]]]:
+        """Usable batches by node: I training batches, or up to ``eval.client-max-examples`` local
+        validation examples (``evaluation``); bad replies are skipped with the reason."""
         c = self.config
+        max_batches = math.ceil(c["eval.client-max-examples"] / c["batch-size"]) if evaluation else c["cola.interval"]
         batches = {}
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -93,7 +96,10 @@ class ColA(Strategy):
             if problem is None and "batch" not in msg.content.array_records:
                 problem = "query reply has no 'batch' ArrayRecord"
             if problem is None:
-                problem = cola_fl.check_batches(msg.content.array_records["batch"], c["cola.interval"], c["batch-size"], self.vocab_size, self.num_labels, c["data.max-length"])
+                record = msg.content.array_records["batch"]
+                problem = cola_fl.check_batches(record, max_batches, c["batch-size"], self.vocab_size, self.num_labels, c["data.max-length"])
+                if problem is None and not evaluation and cola_fl.batch_count(record) != max_batches:
+                    problem = f"query reply has {cola_fl.batch_count(record)} batches, the interval needs {max_batches}"
             if problem is None and node not in self.adapters:
                 if "adapter" not in msg.content.array_records:
                     problem = "first query reply lacks the client's auxiliary models"
@@ -105,9 +111,10 @@ class ColA(Strategy):
                 skip(server_round, node, problem, self.ledger)
                 continue
             self.owner.setdefault(node, int(msg.content.metric_records["metrics"]["partition-id"]))
-            self.examples[node] = int(msg.content.metric_records["metrics"]["num-examples"])
+            if not evaluation:
+                self.examples[node] = int(msg.content.metric_records["metrics"]["num-examples"])
             self._costs[node]["bytes_up"] += sum(wire.nbytes(r) for r in msg.content.array_records.values())
-            batches[node] = cola_fl.unpack_batches(msg.content.array_records["batch"], c["cola.interval"])
+            batches[node] = cola_fl.unpack_batches(msg.content.array_records["batch"])
         return batches
 
     def _check_owner(self, node: int, adapter_id: int) -> str | None:
@@ -166,10 +173,26 @@ class ColA(Strategy):
         return None, MetricRecord({"clients": kept})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []  # evaluation is server-side on a held-out split (evaluate_fn)
+        """Client-side evaluation: every client whose auxiliary models the server holds sends (a prefix
+        of) its local validation split; the server runs that client's model on it (its personal model
+        W + g_k, or the shared W + mean dW in merged mode): ColA clients hold no base model."""
+        control = ConfigRecord({"step": -1, "send-adapter": False, "split": "validation"})
+        return [Message(RecordDict({"config": config, "control": control}), dst_node_id=n, message_type=QUERY) for n in sorted(self.adapters)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        """Per-client loss and task metric on local validation data (ledger), and their example-weighted mean."""
+        totals: dict[str, float] = defaultdict(float)
+        for node, batches in self._accept_queries(server_round, replies, evaluation=True).items():
+            adapters = self.adapters if self.server.mode == "merged" else {node: self.adapters[node]}
+            metrics = train.evaluate_logits(lambda b: self.server.predict(b, adapters), batches, self.config["task"])
+            for key, value in metrics.items():
+                self._costs[node][f"eval_{key.replace('-', '_')}"] = value
+                if key != "num-examples":
+                    totals[key] += value * metrics["num-examples"]
+            totals["num-examples"] += metrics["num-examples"]
+        if not totals:
+            return None
+        return MetricRecord({k if k == "num-examples" else f"client-{k}": v if k == "num-examples" else v / totals["num-examples"] for k, v in totals.items()})
 
     def _flush_round(self, server_round: int) -> MetricRecord:
         """Write this round's per-client costs to the ledger; return the round's training metrics."""
@@ -183,6 +206,7 @@ class ColA(Strategy):
                     "node_id": node, "partition_id": self.owner.get(node, -1), "num_examples": self.examples.get(node, 0),
                     "loss": cost["loss"] / steps, "bytes_up": int(cost["bytes_up"]), "bytes_down": int(cost["bytes_down"]),
                     "flops": int(cost["flops"]), "peak_memory_bytes": int(cost["peak_memory_bytes"]), "wall_time_s": cost["wall_time_s"],
+                    **{k: v for k, v in cost.items() if k.startswith("eval_")},
                 })
         if self.ledger is not None:
             self.ledger.server(server_round, flops=int(self._server_flops))
@@ -218,6 +242,10 @@ class ColA(Strategy):
                     continue
                 fit_replies = grid.send_and_receive(self.configure_fit(self.hidden_pairs(batches), config), timeout=timeout)
                 self.aggregate_train(rnd, fit_replies)
+            replies = grid.send_and_receive(self.configure_evaluate(rnd, empty, config, grid), timeout=timeout)
+            client_eval = self.aggregate_evaluate(rnd, replies)
+            if client_eval is not None:
+                result.evaluate_metrics_clientapp[rnd] = client_eval
             result.train_metrics_clientapp[rnd] = self._flush_round(rnd)
             log(INFO, "round %d: %s", rnd, result.train_metrics_clientapp[rnd])
             if evaluate_fn:

@@ -7,7 +7,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from fedcola import cola_client, cola_fl, config as cfg, models, wire
+from fedcola import cola_client, cola_fl, data, models, runtime, wire
+from fedcola import config as cfg
 from fedcola.cola import ColaServer
 from fedcola.ledger import Ledger
 from strategies.cola import ColA
@@ -173,3 +174,24 @@ def test_client_rejects_malformed_pairs(setup):
         cola_fl.pairs_from_payload({**good, f"b1/{layer}/G": torch.full((3, d_out), float("nan"))}, dims, 2)
     with pytest.raises(ValueError, match="do not match this client's layers"):
         cola_fl.pairs_from_payload({**good, "b0/classifier.extra/x": torch.zeros(3, 2)}, dims, 2)
+
+
+def test_client_side_evaluation_on_local_splits(setup, tmp_path):
+    config = setup
+    ledger = Ledger(tmp_path / "l.json", "cola", config)
+    strategy = _server(config, ledger)
+    contexts = {}
+    for node in (1, 2):
+        reply, contexts[node] = _query_reply(config, node, node - 1)
+        strategy._accept_queries(1, [reply])
+    requests = list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(dict(config)), grid=None))
+    assert [m.metadata.dst_node_id for m in requests] == [1, 2]
+    replies = [cola_client.query(m, contexts[m.metadata.dst_node_id], config, (m.metadata.dst_node_id - 1, 2)) for m in requests]
+    local_val = [len(runtime.client_split(config, pid, 2, "validation")) for pid in (0, 1)]
+    assert all(r.content.array_records["batch"]["b0/labels"].shape[0] == n for r, n in zip(replies, local_val))
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["num-examples"] == sum(local_val) and 0.0 <= metrics["client-accuracy"] <= 1.0
+    strategy._flush_round(1)
+    assert all("eval_accuracy" in c and c["eval_num_examples"] > 0 for c in ledger._round["clients"])
+    partition = data.load_partition(runtime.dataset_splits(config)["train"], "iid", 0, 2, config["seed"])
+    assert len(runtime.client_split(config, 0, 2)) + local_val[0] == len(partition)  # the partition, split in two
