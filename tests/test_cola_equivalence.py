@@ -164,13 +164,7 @@ def test_lowrank_grads_equal_peft_fp32(model: str, mode: str) -> None:
             assert rel(cg, pg) < 1e-5, (n, k)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("mode", ["merged", "unmerged"])

@@ -38,13 +38,7 @@ def _tiny(kind: str) -> tuple[nn.Module, dict]:
     return ViTForImageClassification(cfg), {"pixel_values": torch.randn(B, 3, 32, 32), "labels": torch.tensor([0, 1])}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run 50x slower when two intra-op threads compete with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["bert", "llama", "gpt2", "vit"])

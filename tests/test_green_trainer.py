@@ -17,13 +17,7 @@ B, L, V, D = 4, 32, 500, 64
 TOL = 0.05  # profile vs FlopCounterMode on backward FLOPs, as asserted in tests/test_green.py
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run 50x slower when two intra-op threads compete with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model() -> nn.Module:

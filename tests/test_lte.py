@@ -34,13 +34,7 @@ from fedcola.lte import (
 R, ALPHA, VOCAB = 4, 8.0, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: threading only adds contention on the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(tie: bool = False) -> LlamaForCausalLM:
