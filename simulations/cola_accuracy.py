@@ -79,7 +79,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {"config": config, "steps": args.rounds * args.steps_per_round, "curves": curves, "final": final, "wall_time_s": time.time() - t0}
     (out / "accuracy.json").write_text(json.dumps(result, indent=1))
-    gap = 100 * (final["lora-central"] - final["cola-lowrank"])
+    gap = 100 * (final["cola-lowrank"] - final["lora-central"])
     lines = [
         "# ColA accuracy vs centralized peft LoRA", "",
         f"MiniLM + rotten_tomatoes, {config['num-clients']} clients x batch {config['batch-size']} (ColA) vs batch "
@@ -88,9 +88,12 @@ def main() -> None:
         "Validation: the first 1000 validation examples. Regenerate: `python -m simulations.cola_accuracy`.", "",
         "| arm | accuracy per round | final |", "|---|---|---|",
         *[f"| {k} | {' / '.join(f'{a:.3f}' for a in v)} | **{v[-1]:.3f}** |" for k, v in curves.items()], "",
-        f"- ColA low-rank vs centralized LoRA: {gap:+.1f} points (target: within 1 point) -> {'holds' if abs(gap) <= 1 else 'does not hold'}",
-        f"- ColA linear-merged vs LoRA: {100 * (final['cola-linear'] - final['lora-central']):+.1f} points (target: >= 0) -> "
+        f"- ColA low-rank minus centralized LoRA: {gap:+.1f} points (target: within 1 point) -> {'holds' if abs(gap) <= 1 else 'does not hold'}",
+        f"- ColA linear-merged minus LoRA: {100 * (final['cola-linear'] - final['lora-central']):+.1f} points (target: >= 0) -> "
         f"{'holds' if final['cola-linear'] >= final['lora-central'] else 'does not hold'}",
+        "", "ColA clients train on their partition minus the 10% they hold out for client-side evaluation; the "
+        "centralized arm trains on the whole training split. One seed; 1000 validation examples give a standard "
+        "error of about 1.3 points on accuracy near 0.77.",
     ]
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     import matplotlib
