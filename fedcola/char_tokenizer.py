@@ -27,9 +27,6 @@ def char_tokenizer(text: str, model_max_length: int = 1_000_000) -> PreTrainedTo
 
 
 @functools.lru_cache(maxsize=4)
-def dataset_char_tokenizer(dataset: str, seed: int, block_chars: int) -> PreTrainedTokenizerFast:
-    """The character tokenizer of a text dataset's training split (``fedcola.data.load_splits``)."""
-    from fedcola import data
-
-    train = data.load_splits(dataset, seed=seed, block_chars=block_chars)["train"]
-    return char_tokenizer("".join(train["text"]))
+def dataset_char_tokenizer(train_text: tuple[str, ...]) -> PreTrainedTokenizerFast:
+    """The character tokenizer of a training split's texts (cached per split)."""
+    return char_tokenizer("".join(train_text))

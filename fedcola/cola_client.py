@@ -42,9 +42,8 @@ def query(msg: Message, context: Context, config: dict, partition: tuple[int, in
     """Step 2: send I batches of this client's data (and its adapters when the server asks)."""
     pid, n = partition
     control = msg.content.config_records["control"]
-    client = load_client(context, config, pid)
     if ADAPTERS not in context.state.array_records:
-        save_client(context, client)
+        save_client(context, make_client(config, pid))
     if control.get("split", "train") == "validation":  # client-side evaluation: (a prefix of) the local held-out split
         part = runtime.client_split(config, pid, n, "validation")
         part = part.select(range(min(len(part), config["eval.client-max-examples"])))

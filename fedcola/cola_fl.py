@@ -100,13 +100,16 @@ def check_batches(record: ArrayRecord, max_batches: int, batch_size: int, vocab_
         ids, mask, labels = (record[f"b{i}/{k}"] for k in BATCH_KEYS)
         if ids.dtype != "int32" or mask.dtype != "int32" or labels.dtype != "int64":
             return f"batch {i} has dtypes {ids.dtype}/{mask.dtype}/{labels.dtype}, expected int32/int32/int64"
-        if len(ids.shape) != 2 or tuple(mask.shape) != tuple(ids.shape) or not 0 < ids.shape[0] <= batch_size or ids.shape[1] > max_length:
-            return f"batch {i} has shape {tuple(ids.shape)} (mask {tuple(mask.shape)}), expected (<= {batch_size}, <= {max_length})"
+        if len(ids.shape) != 2 or tuple(mask.shape) != tuple(ids.shape) or not 0 < ids.shape[0] <= batch_size or not 0 < ids.shape[1] <= max_length:
+            return f"batch {i} has shape {tuple(ids.shape)} (mask {tuple(mask.shape)}), expected (1..{batch_size}, 1..{max_length})"
         ids_np, labels_np = ids.numpy(), labels.numpy()
         if ids_np.min() < 0 or ids_np.max() >= vocab_size:
             return f"batch {i} has token ids outside [0, {vocab_size})"
         if num_labels is not None and (labels.shape != (ids.shape[0],) or labels_np.min() < 0 or labels_np.max() >= num_labels):
             return f"batch {i} has labels of shape {tuple(labels.shape)} or outside [0, {num_labels})"
+        targets = labels_np[labels_np != -100]
+        if num_labels is None and (labels.shape != ids.shape or (targets.size and (targets.min() < 0 or targets.max() >= vocab_size))):
+            return f"batch {i} has next-token labels of shape {tuple(labels.shape)} or outside -100 / [0, {vocab_size})"
     return None
 
 

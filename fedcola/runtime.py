@@ -28,7 +28,7 @@ def tokenizer(config: dict):
     if config["task"] == "image-classification":
         return None
     if config["model"] in models.FROM_SCRATCH:
-        return dataset_char_tokenizer(config["dataset"], config["seed"], config["data.block-chars"])
+        return dataset_char_tokenizer(tuple(dataset_splits(config)["train"]["text"]))
     return models.load_tokenizer(config["model"])
 
 

@@ -136,6 +136,7 @@ class ColA(Strategy):
                 out[n].append(hg.pairs[n])
                 labels = batches[n][i]["labels"]
                 self._costs[n]["loss"] += hg.loss[n] / self.config["cola.interval"]
+                self._costs[n]["intervals"] += 1 / self.config["cola.interval"]
                 if self.config["task"] == "classification":
                     self._costs[n]["correct"] += float((hg.logits[n].argmax(-1) == labels).sum())
                     self._costs[n]["seen"] += len(labels)
@@ -168,7 +169,6 @@ class ColA(Strategy):
             cost["flops"] += int(m["flops"])
             cost["wall_time_s"] += float(m["wall-time-s"])
             cost["peak_memory_bytes"] = max(cost["peak_memory_bytes"], int(m["peak-memory-bytes"]))
-            cost["steps"] += 1
             kept += 1
         return None, MetricRecord({"clients": kept})
 
@@ -198,13 +198,14 @@ class ColA(Strategy):
         """Write this round's per-client costs to the ledger; return the round's training metrics."""
         losses, correct, seen = [], 0.0, 0.0
         for node, cost in self._costs.items():
-            steps = max(cost["steps"], 1)
-            losses.append(cost["loss"] / steps)
+            loss = cost["loss"] / cost["intervals"] if cost["intervals"] else None  # None: evaluated only, not trained
+            if loss is not None:
+                losses.append(loss)
             correct, seen = correct + cost["correct"], seen + cost["seen"]
             if self.ledger is not None:
                 self.ledger.client(server_round, {
                     "node_id": node, "partition_id": self.owner.get(node, -1), "num_examples": self.examples.get(node, 0),
-                    "loss": cost["loss"] / steps, "bytes_up": int(cost["bytes_up"]), "bytes_down": int(cost["bytes_down"]),
+                    "loss": loss, "bytes_up": int(cost["bytes_up"]), "bytes_down": int(cost["bytes_down"]),
                     "flops": int(cost["flops"]), "peak_memory_bytes": int(cost["peak_memory_bytes"]), "wall_time_s": cost["wall_time_s"],
                     **{k: v for k, v in cost.items() if k.startswith("eval_")},
                 })

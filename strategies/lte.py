@@ -102,7 +102,7 @@ class LTE(Strategy):
         self._init_weights(arrays)
         if self.ledger is not None:
             self.ledger.begin_round(server_round)
-        sample_size = max(1, int(len(list(grid.get_node_ids())) * self.fraction_train))
+        sample_size = max(1, int(max(len(list(grid.get_node_ids())), self.min_available_nodes) * self.fraction_train))
         self._round_nodes, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
         return [self._message(node, config, server_round) for node in self._round_nodes]
 

@@ -124,11 +124,26 @@ def test_bad_query_replies_are_skipped_with_reasons(setup, tmp_path):
     adapter = unknown.content.array_records["adapter"].to_torch_state_dict()
     adapter["bert.encoder.layer.9.attention.self.query/A"] = adapter.pop(first)
     unknown.content.array_records["adapter"] = ArrayRecord(adapter)
-    kept = strategy._accept_queries(1, [ok, shape, dtype, vocab, nan, unknown])
+    empty, _ = _query_reply(config, 7, 0)
+    _corrupt_batch(empty, "b0/input_ids", torch.zeros(ids.shape[0], 0, dtype=torch.int32))
+    _corrupt_batch(empty, "b0/attention_mask", torch.zeros(ids.shape[0], 0, dtype=torch.int32))
+    kept = strategy._accept_queries(1, [ok, shape, dtype, vocab, nan, unknown, empty])
     assert list(kept) == [1]
     reasons = {s["node_id"]: s["reason"] for s in ledger._round["skipped"]}
     assert "shape" in reasons[2] and "dtypes" in reasons[3] and "token ids" in reasons[4]
-    assert "NaN" in reasons[5] and "names differ" in reasons[6]
+    assert "NaN" in reasons[5] and "names differ" in reasons[6] and "shape" in reasons[7]
+
+
+def test_causal_lm_labels_are_checked():
+    ids = torch.randint(0, 50, (2, 6), dtype=torch.int32)
+    mask = torch.ones_like(ids)
+
+    def check(labels):
+        return cola_fl.check_batches(ArrayRecord({"b0/input_ids": ids, "b0/attention_mask": mask, "b0/labels": labels}), 1, 4, 50, None, 16)
+
+    assert check(ids.long().masked_fill(torch.rand(2, 6) < 0.3, -100)) is None
+    assert "next-token labels" in check(torch.zeros(2, 5, dtype=torch.int64))
+    assert "next-token labels" in check(torch.full((2, 6), 50, dtype=torch.int64))
 
 
 def test_another_clients_adapter_id_is_rejected(setup, tmp_path):
@@ -192,6 +207,8 @@ def test_client_side_evaluation_on_local_splits(setup, tmp_path):
     metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics["num-examples"] == sum(local_val) and 0.0 <= metrics["client-accuracy"] <= 1.0
     strategy._flush_round(1)
-    assert all("eval_accuracy" in c and c["eval_num_examples"] > 0 for c in ledger._round["clients"])
+    records = ledger._round["clients"]
+    assert sorted(c["node_id"] for c in records) == [1, 2]
+    assert all("eval_accuracy" in c and c["eval_num_examples"] > 0 and c["loss"] is None for c in records)  # evaluated, not trained
     partition = data.load_partition(runtime.dataset_splits(config)["train"], "iid", 0, 2, config["seed"])
     assert len(runtime.client_split(config, 0, 2)) + local_val[0] == len(partition)  # the partition, split in two
