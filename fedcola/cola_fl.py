@@ -18,13 +18,14 @@ from flwr.app import ArrayRecord
 from safetensors.torch import load_file, save_file
 
 from fedcola import adapters as ad
+from fedcola.config import names
 from fedcola import models, runtime
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def targets_of(config: dict) -> list[str]:
-    return [t.strip() for t in config["cola.targets"].split(",") if t.strip()]
+    return names(config, "cola.targets")
 
 
 @functools.lru_cache(maxsize=4)

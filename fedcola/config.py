@@ -102,6 +102,11 @@ def _check_key(key: str) -> None:
         raise ConfigError(f"unknown config key '{key}'{hint}; `fedcola keys` lists them all")
 
 
+def names(config: dict, key: str) -> list[str]:
+    """A comma-separated config value (e.g. ``lora.targets``) as a list, empty entries dropped."""
+    return [t.strip() for t in config[key].split(",") if t.strip()]
+
+
 def parse_value(text: str) -> Scalar:
     """A ``--set`` value in TOML syntax (``8``, ``1e-3``, ``true``, ``"x"``); bare words are strings."""
     try:

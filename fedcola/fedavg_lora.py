@@ -15,13 +15,14 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from fedcola import models, runtime, train
+from fedcola.config import names
 
 
 def lora_config(config: dict) -> LoraConfig:
     task_type = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(config["task"])
     return LoraConfig(
         r=config["lora.r"], lora_alpha=config["lora.alpha"], lora_dropout=0.0,
-        target_modules=[t.strip() for t in config["lora.targets"].split(",") if t.strip()], task_type=task_type,
+        target_modules=names(config, "lora.targets"), task_type=task_type,
     )
 
 

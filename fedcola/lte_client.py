@@ -30,6 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from torch import nn
 
 from fedcola import models, runtime, train
+from fedcola.config import names
 from fedcola.lte import (
     Delta,
     InvalidDeltaError,
@@ -65,7 +66,7 @@ class LTEOptions:
 
 def lte_options(config: dict) -> LTEOptions:
     """LTE settings from the run config (defaults in ``fedcola.config``: the reference code's ``LTEConfig``)."""
-    targets = tuple(t.strip() for t in config["lte.targets"].split(",") if t.strip())
+    targets = tuple(names(config, "lte.targets"))
     return LTEOptions(
         r=config["lte.r"], alpha=config["lte.alpha"], targets=targets or None, non_lora=config["lte.non-lora"],
         reset=config["lte.reset"], weighted=config["lte.weighted"], asynchronous=config["lte.async"],

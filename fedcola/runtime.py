@@ -36,7 +36,7 @@ def loader(config: dict, ds, shuffle: bool, seed: int, batch_size: int | None = 
     return train.make_loader(ds, tokenizer(config), config["task"], batch_size or config["batch-size"], config["data.max-length"], shuffle, seed)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=256)  # one Ray actor may serve every virtual client of a run
 def _client_splits(frozen: tuple, partition_id: int, num_partitions: int):
     config = dict(frozen)
     part = data.load_partition(dataset_splits(config)["train"], config["partitioning"], partition_id, num_partitions, config["seed"])

@@ -36,7 +36,7 @@ def central_lora(config: dict, steps_per_round: int, rounds: int) -> list[float]
     """Validation accuracy after each block of ``steps_per_round`` centralized peft LoRA steps."""
     torch.manual_seed(config["seed"])
     base = models.load_model(config["model"], config["task"], num_labels=runtime.num_labels(config))
-    targets = [t.strip() for t in config["cola.targets"].split(",")]
+    targets = cfg.names(config, "cola.targets")
     model = get_peft_model(base, LoraConfig(r=config["lora.r"], lora_alpha=config["lora.alpha"], lora_dropout=0.0, target_modules=targets))
     batch = config["batch-size"] * config["num-clients"]
     batches = train.cycle(runtime.loader(config, runtime.dataset_splits(config)["train"], shuffle=True, seed=config["seed"], batch_size=batch))
