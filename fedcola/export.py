@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 from fedcola import cola_fl, fedavg_lora, models, runtime
 from fedcola.adapters import LowRank
@@ -26,17 +25,11 @@ from fedcola.ledger import load as load_ledger
 HEADS = ("classifier", "score")
 
 
-def _base(config: dict) -> nn.Module:
-    """The run's base model, with the task head initialised exactly as the run's server did."""
-    torch.manual_seed(config["seed"])
-    return models.load_model(config["model"], config["task"], num_labels=runtime.num_labels(config))
-
-
 def export_peft_adapter(config: dict, adapters: dict[str, LowRank], out: Path) -> Path:
     """One client's low-rank auxiliary models as a peft LoRA folder on the run's base model."""
     from peft import LoraConfig, get_peft_model
 
-    base = _base(config)
+    base = runtime.base_model(config)
     heads = [h for h in HEADS if hasattr(base, h)]
     head_weights = {}
     for h in heads:
@@ -75,7 +68,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[P
         model.save_pretrained(out / "peft" / "global")
         return [out / "peft" / "global"]
     per_client = cola_fl.load_adapters(run_dir / "final.safetensors", config)
-    base = _base(config)
+    base = runtime.base_model(config)
     server = ColaServer(base, cola_fl.targets_of(config), mode="merged")
     if all(a.mergeable for ads in per_client.values() for a in ads.values()):
         merged = server.merged_weights(per_client)

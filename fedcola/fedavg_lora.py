@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from fedcola import models, runtime, train
+from fedcola import runtime, train
 from fedcola.config import names
 
 
@@ -28,8 +28,7 @@ def lora_config(config: dict) -> LoraConfig:
 
 def build_model(config: dict) -> nn.Module:
     """The peft-wrapped model with seeded LoRA and head initialisation."""
-    torch.manual_seed(config["seed"])
-    base = models.load_model(config["model"], config["task"], num_labels=runtime.num_labels(config))
+    base = runtime.base_model(config)
     try:
         return get_peft_model(base, lora_config(config))
     except ValueError as err:

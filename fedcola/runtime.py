@@ -32,6 +32,14 @@ def tokenizer(config: dict):
     return models.load_tokenizer(config["model"])
 
 
+def base_model(config: dict):
+    """The run's pretrained model, its task head initialised from the run's seed (identical in every process)."""
+    import torch
+
+    torch.manual_seed(config["seed"])
+    return models.load_model(config["model"], config["task"], num_labels=num_labels(config))
+
+
 def loader(config: dict, ds, shuffle: bool, seed: int, batch_size: int | None = None):
     return train.make_loader(ds, tokenizer(config), config["task"], batch_size or config["batch-size"], config["data.max-length"], shuffle, seed)
 

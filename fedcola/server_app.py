@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
 from fedcola import config as cfg
-from fedcola import cola_fl, fedavg_lora, lte_client, models, report, runtime, train
+from fedcola import cola_fl, fedavg_lora, lte_client, report, runtime, train
 from fedcola.cola import ColaServer
 from fedcola.ledger import Ledger
 from strategies.cola import ColA
@@ -29,9 +29,8 @@ def new_run_dir(config: dict) -> Path:
     return Path(config["out-dir"]) / f"{config['method']}-{config['model']}-{config['dataset'].replace('/', '_')}-{stamp}"
 
 
-def make_evaluate_fn(config: dict, ledger: Ledger):
+def make_evaluate_fn(config: dict, ledger: Ledger, model):
     """Server-side evaluation of the global model on (a prefix of) the validation split."""
-    model = fedavg_lora.build_model(config)
     loader = runtime.validation_loader(config)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -50,11 +49,12 @@ def _record_eval(ledger: Ledger, server_round: int, metrics: dict[str, float]) -
 
 
 def run_fedavg_lora(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> None:
-    initial = fedavg_lora.trainable_state(fedavg_lora.build_model(config))
+    model = fedavg_lora.build_model(config)
+    initial = fedavg_lora.trainable_state(model)
     strategy = FedAvgLoRA(fraction_train=config["fraction-train"], min_available_nodes=config["num-clients"], ledger=ledger)
     result = strategy.start(
         grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=config["rounds"],
-        train_config=ConfigRecord(dict(config)), evaluate_fn=make_evaluate_fn(config, ledger),
+        train_config=ConfigRecord(dict(config)), evaluate_fn=make_evaluate_fn(config, ledger, model),
     )
     save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
 
@@ -62,9 +62,7 @@ def run_fedavg_lora(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> 
 def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> None:
     """ColA: the server's frozen base model; evaluation of W + mean dW (merged) or of each client's
     personal model, averaged over clients (unmerged / detached)."""
-    torch.manual_seed(config["seed"])
-    model = models.load_model(config["model"], config["task"], num_labels=runtime.num_labels(config))
-    server = ColaServer(model, cola_fl.targets_of(config), mode=config["cola.mode"])
+    server = ColaServer(runtime.base_model(config), cola_fl.targets_of(config), mode=config["cola.mode"])
     strategy = ColA(server, config, ledger=ledger, num_labels=runtime.num_labels(config) if config["task"] == "classification" else None)
     loader = runtime.validation_loader(config)
 
