@@ -24,7 +24,8 @@ client k's personal model W + dW_k.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
-from fedcola.adapters import Adapter, find_targets
+from fedcola.adapters import Adapter, Linear, find_targets
 from fedcola.capture import Capture, Router, token_rows
 
 Mode = Literal["merged", "unmerged", "detached"]
@@ -164,15 +165,29 @@ class ColaServer:
             logits=dict(zip(cids, logits.detach().split(sizes))),
         )
 
-    @torch.no_grad()
-    def predict(self, batch: Mapping[str, Tensor], adapters: Mapping[Hashable, Mapping[str, Adapter]]) -> Tensor:
-        """Logits of W + mean_k dW_k over `adapters` (merged), or, for one client, of its personal
-        model W + g_k; non-mergeable auxiliary models run through the Router."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+    def predictor(self, adapters: Mapping[Hashable, Mapping[str, Adapter]]) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        """batch -> logits of W + mean_k dW_k over `adapters` (merged once, for every batch), or, for
+        one client with non-mergeable auxiliary models, of its personal model W + g_k (Router)."""
         if all(a.mergeable for ads in adapters.values() for a in ads.values()):
-            return functional_call(self.model, self.merged_weights(adapters), args=(), kwargs=inputs, tie_weights=False).logits
-        if len(adapters) != 1:
+            with torch.no_grad():
+                merged = self.merged_weights(adapters)
+            run = lambda inputs: functional_call(self.model, merged, args=(), kwargs=inputs, tie_weights=False).logits  # noqa: E731
+        elif len(adapters) != 1:
             raise ValueError("non-mergeable auxiliary models are evaluated one client at a time")
+        else:
+            run = functools.partial(self._routed, adapters)
+
+        @torch.no_grad()
+        def predict(batch: Mapping[str, Tensor]) -> Tensor:
+            return run({k: v for k, v in batch.items() if k != "labels"})
+
+        return predict
+
+    def predict(self, batch: Mapping[str, Tensor], adapters: Mapping[Hashable, Mapping[str, Adapter]]) -> Tensor:
+        """Logits of one batch (see `predictor`)."""
+        return self.predictor(adapters)(batch)
+
+    def _routed(self, adapters: Mapping[Hashable, Mapping[str, Adapter]], inputs: Mapping[str, Tensor]) -> Tensor:
         n = len(next(iter(inputs.values())))
         router = Router(adapters, [next(iter(adapters))] * n)
         handles = [m.register_forward_hook(lambda mod, args, out, layer=layer: router(layer, args[0], out)) for layer, m in self.targets.items()]
@@ -181,3 +196,37 @@ class ColaServer:
         finally:
             for h in handles:
                 h.remove()
+
+
+class ParameterMean:
+    """Merged mode for auxiliary models linear in their parameters (``linear``: dW(w) = w), so that
+    sum_k a_k dW(w_k) = dW(sum_k a_k w_k): the server keeps S = sum_k n_k w_k (float64) and N = sum_k n_k
+    instead of K dense adapters (memory flat in K), and `adapters` = one adapter set holding S / N.
+    Clients send the change of w_k since the version the server holds (``cola_fl.sends_changes``).
+    a_k = n_k / N, n_k fixed when client k joins."""
+
+    def __init__(self, template: Mapping[str, Adapter]) -> None:
+        if not all(isinstance(a, Linear) for a in template.values()):
+            raise TypeError("ParameterMean needs auxiliary models linear in their parameters (the linear kind)")
+        self.adapters = dict(template)
+        self.sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in self._state().items()}
+        self.n: dict[Hashable, float] = {}
+
+    def _state(self) -> dict[str, Tensor]:
+        return {f"{layer}/{name}": p for layer, a in self.adapters.items() for name, p in a.state_dict().items()}
+
+    def add(self, cid: Hashable, w: Mapping[str, Tensor], n: float = 1.0) -> None:
+        """Client `cid` joins the mean with parameters `w` ({"<layer>/<param>": tensor}) and weight n."""
+        if cid in self.n:
+            raise ValueError(f"client {cid!r} is already in the mean")
+        self.n[cid] = float(n)
+        self.move(cid, w)
+
+    def move(self, cid: Hashable, change: Mapping[str, Tensor]) -> None:
+        """S += n_k (w_k' - w_k): client `cid`'s parameters changed by `change`."""
+        for key, value in change.items():
+            self.sum[key].add_(value.double(), alpha=self.n[cid])
+        total = sum(self.n.values())
+        with torch.no_grad():
+            for key, p in self._state().items():
+                p.copy_(self.sum[key] / total)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedcola import cola_fl, gl, runtime, train, wire
 
-ADAPTERS, OPTIMIZER = "cola.adapters", "cola.optimizer"
+ADAPTERS, OPTIMIZER, ACKED = "cola.adapters", "cola.optimizer", "cola.acked"
 
 
 def make_client(config: dict, partition_id: int) -> gl.GLClient:
@@ -38,12 +38,20 @@ def save_client(context: Context, client: gl.GLClient) -> None:
     context.state[OPTIMIZER] = train.optimizer_record(client.optimizer)
 
 
+def sync(context: Context, config: dict, control) -> None:
+    """``cola_fl.sends_changes``: remember the parameters the server holds (``ACKED``: the initial ones
+    until the server confirms a reply with ``synced``), the base of the change the next reply sends."""
+    if cola_fl.sends_changes(config) and (control.get("synced", False) or ACKED not in context.state.array_records):
+        context.state[ACKED] = context.state.array_records[ADAPTERS]
+
+
 def query(msg: Message, context: Context, config: dict, partition: tuple[int, int]) -> Message:
     """Step 2: send I batches of this client's data (and its adapters when the server asks)."""
     pid, n = partition
     control = msg.content.config_records["control"]
     if ADAPTERS not in context.state.array_records:
         save_client(context, make_client(config, pid))
+    sync(context, config, control)
     if control.get("split", "train") == "validation":  # client-side evaluation: (a prefix of) the local held-out split
         part = runtime.client_split(config, pid, n, "validation")
         part = part.select(range(min(len(part), config["eval.client-max-examples"])))
@@ -61,6 +69,7 @@ def query(msg: Message, context: Context, config: dict, partition: tuple[int, in
 def fit(msg: Message, context: Context, config: dict, partition: tuple[int, int]) -> Message:
     """Step 5: one gradient-learning update per adaptation interval from the server's (x, G)."""
     pid, _ = partition
+    sync(context, config, msg.content.config_records["control"])
     client = load_client(context, config, pid)
     tensors = wire.unpack(msg.content.array_records["pairs"], config["cola.wire-dtype"])
     pairs = cola_fl.pairs_from_payload(tensors, cola_fl.layer_dims(config), config["cola.interval"])
@@ -73,4 +82,8 @@ def fit(msg: Message, context: Context, config: dict, partition: tuple[int, int]
         "rows": sum(next(iter(p.values()))[0].shape[0] for p in pairs), "flops": int(counter.get_total_flops()),
         "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0, "partition-id": pid,
     })
-    return Message(RecordDict({"adapter": context.state.array_records[ADAPTERS], "metrics": metrics}), reply_to=msg)
+    adapter = context.state.array_records[ADAPTERS]
+    if cola_fl.sends_changes(config):  # w - w_acked, see `cola.ParameterMean`
+        acked = context.state.array_records[ACKED].to_torch_state_dict()
+        adapter = ArrayRecord({k: v - acked[k] for k, v in adapter.to_torch_state_dict().items()})
+    return Message(RecordDict({"adapter": adapter, "metrics": metrics}), reply_to=msg)

@@ -51,6 +51,12 @@ def build_adapters(config: dict, seed: int) -> dict[str, ad.Adapter]:
         torch.random.set_rng_state(generator_state)
 
 
+def sends_changes(config: dict) -> bool:
+    """Merged linear auxiliary models: the server keeps only their parameter mean (`cola.ParameterMean`),
+    so a client's train reply carries the change of its parameters since the version the server holds."""
+    return config["cola.mode"] == "merged" and config["cola.adapter"] == "linear"
+
+
 def adapter_record(adapters: dict[str, ad.Adapter]) -> ArrayRecord:
     return ArrayRecord({f"{layer}/{name}": p.detach().float().contiguous() for layer, a in adapters.items() for name, p in a.state_dict().items()})
 
@@ -66,15 +72,15 @@ def save_adapters(path: Path, by_node: dict[int, dict[str, ad.Adapter]]) -> None
     save_file({f"{node}/{k}": v.contiguous() for node, ads in by_node.items() for k, v in adapter_record(ads).to_torch_state_dict().items()}, str(path))
 
 
-def load_adapters(path: Path, config: dict) -> dict[int, dict[str, ad.Adapter]]:
-    """Inverse of ``save_adapters``."""
+def load_adapters(path: Path, config: dict) -> dict[int | str, dict[str, ad.Adapter]]:
+    """Inverse of ``save_adapters`` (node ids back as ints; ``"mean"`` stays a string)."""
     weights = load_file(str(path))
     out = {}
-    for node in sorted({int(k.split("/", 1)[0]) for k in weights}):
+    for key in sorted({k.split("/", 1)[0] for k in weights}):
         adapters = build_adapters(config, seed=0)
-        prefix = f"{node}/"
+        prefix = f"{key}/"
         load_adapter_record(adapters, ArrayRecord({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}))
-        out[node] = adapters
+        out[int(key) if key.isdigit() else key] = adapters
     return out
 
 

@@ -67,14 +67,13 @@ def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> None:
     loader = runtime.validation_loader(config)
 
     def evaluate_fn(server_round: int, _: ArrayRecord) -> MetricRecord:
-        adapters = strategy.adapters or {0: cola_fl.build_adapters(config, seed=0)}
-        groups = [adapters] if server.mode == "merged" else [{n: a} for n, a in adapters.items()]
-        per_group = [train.evaluate_logits(lambda batch, g=g: server.predict(batch, g), loader, config["task"]) for g in groups]
+        groups = strategy.evaluation_groups() or [{0: cola_fl.build_adapters(config, seed=0)}]
+        per_group = [train.evaluate_logits(server.predictor(g), loader, config["task"]) for g in groups]
         metrics = {k: sum(m[k] for m in per_group) / len(per_group) for k in per_group[0]}
         return _record_eval(ledger, server_round, metrics)
 
     strategy.start(grid=grid, num_rounds=config["rounds"], train_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_fn)
-    cola_fl.save_adapters(run_dir / "final.safetensors", strategy.adapters)
+    cola_fl.save_adapters(run_dir / "final.safetensors", strategy.adapter_sets())
 
 
 def run_lte(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> None:

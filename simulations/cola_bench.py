@@ -10,7 +10,8 @@ position a real token, attention mask all ones), labels of the first snippet; `"
 uniform random token ids instead. A "server step" is:
   * ColA merged / unmerged: one `ColaServer.hidden_grads` over all K clients' batches (merging of the K
     clients' deltas, forward, backward to the lowest adapted layer, per-client (x, G) rows included);
-    the K clients' auxiliary models are resident on the server, as `strategies/cola.py` keeps them.
+    the K clients' auxiliary models are resident on the server as `strategies/cola.py` keeps them: every
+    client's low-rank factors, but for merged linear ones only their parameter mean (`cola.ParameterMean`).
   * peft (K adapters): one peft model holding K LoRA adapters (add_adapter) and K AdamW optimizers;
     the step is, for each client, set_adapter + forward + backward + AdamW step on its own rows
     (peft cannot route samples of one batch through different adapters).
@@ -139,13 +140,20 @@ def build_method(cfg: dict, model: torch.nn.Module):
     kind, mode, adapter = METHODS[cfg["method"]]
     clients = range(cfg["clients"])
     if kind == "cola":
-        from fedcola.cola import ColaServer
-        from fedcola.cola_fl import build_adapters
+        from fedcola.cola import ColaServer, ParameterMean
+        from fedcola.cola_fl import adapter_record, build_adapters, sends_changes
 
         server = ColaServer(model, TARGETS.split(","), mode=mode)
-        adapters = {k: build_adapters(cola_config(cfg, adapter), seed=k) for k in clients}
+        config = {**cola_config(cfg, adapter), "cola.mode": mode}
+        if sends_changes(config):  # as strategies/cola.py: only the parameter mean of the K clients
+            mean = ParameterMean(build_adapters(config, seed=0))
+            for k in clients:
+                mean.add(k, adapter_record(build_adapters(config, seed=k)).to_torch_state_dict())
+            adapters, extra = {"mean": mean.adapters}, list(mean.sum.values())
+        else:
+            adapters, extra = {k: build_adapters(config, seed=k) for k in clients}, []
         return (lambda batches: server.hidden_grads(dict(enumerate(batches)), adapters),
-                lambda: tensor_bytes(p for ads in adapters.values() for a in ads.values() for p in a.parameters()))
+                lambda: tensor_bytes([*(p for ads in adapters.values() for a in ads.values() for p in a.parameters()), *extra]))
     if kind == "peft":
         from peft import LoraConfig, get_peft_model
 
@@ -290,7 +298,8 @@ def machine_info() -> dict:
             "cpu_count": os.cpu_count(), "processor": platform.processor(), "load_average_start": os.getloadavg()}
 
 
-def run_suite(quick: bool, threads: int, model: str) -> dict:
+def run_suite(quick: bool, threads: int, model: str, only: list[str] | None = None, previous: dict | None = None) -> dict:
+    """Every measurement of the suite, or (``only``) re-measure those methods and keep ``previous``'s other rows."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -300,7 +309,7 @@ def run_suite(quick: bool, threads: int, model: str) -> dict:
     )
 
     info, results, t0 = machine_info(), [], time.perf_counter()
-    configs = suite(quick, threads, model)
+    configs = [c for c in suite(quick, threads, model) if only is None or c.get("method") in only]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         task = bar.add_task("cola bench", total=len(configs))
         for cfg in configs:
@@ -309,7 +318,10 @@ def run_suite(quick: bool, threads: int, model: str) -> dict:
             results.append({**run_child(cfg), "child_wall_s": time.perf_counter() - t})
             bar.advance(task)
     info.update(load_average_end=os.getloadavg(), torch_threads=threads, suite_wall_s=time.perf_counter() - t0, quick=quick)
-    return {"machine": info, "results": results}
+    if only is None:
+        return {"machine": info, "results": results}
+    kept = [r for r in previous["results"] if r["config"].get("method") not in only]
+    return {"machine": previous["machine"], "remeasured": {**info, "methods": only}, "results": kept + results}
 
 
 # --- tables, targets, plots --------------------------------------------------------------------
@@ -390,7 +402,11 @@ def write_readme(doc: dict, out: Path) -> None:
              f"Written by `.venv/bin/python -m simulations.cola_bench{' --quick' if info['quick'] else ''}` in "
              f"{info['suite_wall_s'] / 60:.1f} min; raw numbers in `results.json`. torch {info['torch']}, "
              f"{info['torch_threads']} torch thread(s), {info['cpu_count']} CPUs, shared machine "
-             f"(load average {info['load_average_start'][0]:.1f} at start, {info['load_average_end'][0]:.1f} at end).", "",
+             f"(load average {info['load_average_start'][0]:.1f} at start, {info['load_average_end'][0]:.1f} at end)."
+             + (f" Rows of {', '.join(doc['remeasured']['methods'])} re-measured later with `--only` in "
+                f"{doc['remeasured']['suite_wall_s'] / 60:.1f} min (load average {doc['remeasured']['load_average_start'][0]:.1f} at "
+                f"start, {doc['remeasured']['load_average_end'][0]:.1f} at end): compare their times with the K=1 row of the same "
+                "method, not across methods." if "remeasured" in doc else ""), "",
              "Method: each row is a fresh subprocess (`--one`). Step time = median of "
              f"{ms[0]['config']['repeats']} (a) / {ks[0]['config']['repeats']} (b) steps after a warm-up step. `maxrss` = the process peak (ru_maxrss, includes "
              "the model, imports and data); `server mem` = peak RSS (psutil, sampled every 2 ms) from building the "
@@ -439,9 +455,9 @@ def write_readme(doc: dict, out: Path) -> None:
               "adapter exchange.", "", "## Targets", ""]
     lines += table(["target", "holds", "measured"], [[t, "yes" if ok else "**no**", m] for t, ok, m in targets(results)])
     lines += ["", "## Notes", "",
-              "- Merged memory with full-rank adapters grows with K because `strategies/cola.py` keeps every client's "
-              "auxiliary model on the server (K x 6.8 MB for linear adapters; see `state MB`); the Targets table gives "
-              "the ratio without them. A server that folded deltas into one running mean would hold one.",
+              "- Merged linear auxiliary models: the server keeps only their parameter mean (`cola.ParameterMean`: a "
+              "float64 sum S = sum_k n_k w_k and the fp32 mean, `state MB`), clients send the change of their parameters, "
+              "so its memory does not grow with K. Merged low-rank keeps every client's factors (K x 0.3 MB).",
               "- Unmerged memory grows far beyond the K resident adapters: roughly one extra full-size (batch, seq, d) "
               "tensor per client and adapted layer. The per-client loop of `fedcola.capture.Router` (an out-of-place "
               "`index_copy` per client) is the likely cause; not investigated further here.",
@@ -514,13 +530,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="output folder (default docs/cola; --quick: <tmp>/cola_bench_quick)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per measurement")
     p.add_argument("--model", default="minilm")
+    p.add_argument("--only", help="comma-separated methods to re-measure; the other rows are kept from <out>/results.json")
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))), flush=True)
         return
     out = args.out or (Path(tempfile.gettempdir()) / "cola_bench_quick" if args.quick else Path("docs/cola"))
     out.mkdir(parents=True, exist_ok=True)
-    doc = run_suite(args.quick, args.threads, args.model)
+    only = args.only.split(",") if args.only else None
+    previous = json.loads((out / "results.json").read_text()) if only else None
+    doc = run_suite(args.quick, args.threads, args.model, only, previous)
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     write_readme(doc, out)
     plot(doc, out)

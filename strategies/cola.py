@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedcola import cola_fl, train, wire
 from fedcola.adapters import Adapter
-from fedcola.cola import ColaServer
+from fedcola.cola import ColaServer, ParameterMean
 from fedcola.ledger import Ledger
 from strategies.screening import reply_problem, skip
 
@@ -49,7 +49,9 @@ class ColA(Strategy):
         self.server, self.config, self.ledger = server, config, ledger
         self.dims = cola_fl.layer_dims(config)
         self.template = cola_fl.adapter_record(cola_fl.build_adapters(config, seed=0))
-        self.adapters: dict[int, dict[str, Adapter]] = {}
+        self.adapters: dict[int, dict[str, Adapter]] = {}  # per client, unless `mean` holds them
+        self.mean = ParameterMean(cola_fl.build_adapters(config, seed=0)) if cola_fl.sends_changes(config) else None
+        self.synced: dict[int, bool] = {}  # node -> the server holds the adapters of the node's last reply
         self.owner: dict[int, int] = {}  # node id -> adapter id (its partition id) fixed at first contact
         self.examples: dict[int, int] = {}
         self.vocab_size = vocab_size or server.model.config.vocab_size
@@ -57,6 +59,25 @@ class ColA(Strategy):
         self._costs: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._server_flops = 0
         self._step = 0  # the interval's global index: seeds client sampling and the clients' batch draws
+
+    @property
+    def known(self) -> set[int]:
+        """Nodes whose auxiliary models the server holds."""
+        return set(self.adapters) | (set(self.mean.n) if self.mean is not None else set())
+
+    def adapter_sets(self) -> dict:
+        """The auxiliary models the server holds (what merged mode folds into W): per client, or their
+        parameter mean ("mean") for merged linear auxiliary models."""
+        return {"mean": self.mean.adapters} if self.mean is not None else self.adapters
+
+    def evaluation_groups(self) -> list[dict]:
+        """The models the server evaluates: the shared merged model, or each client's personal model."""
+        if self.server.mode == "merged":
+            return [self.adapter_sets()]
+        return [{n: a} for n, a in self.adapters.items()]
+
+    def _control(self, node: int, **extra) -> ConfigRecord:
+        return ConfigRecord({"synced": self.synced.get(node, False), **extra})
 
     def summary(self) -> None:
         c = self.config
@@ -70,7 +91,7 @@ class ColA(Strategy):
         k = max(1, math.ceil(self.config["fraction-train"] * len(nodes)))
         sampled = sorted(random.Random(self.config["seed"] * 100_003 + self._step).sample(nodes, k))
         return [
-            Message(RecordDict({"config": config, "control": ConfigRecord({"step": self._step, "send-adapter": node not in self.adapters})}),
+            Message(RecordDict({"config": config, "control": self._control(node, step=self._step, **{"send-adapter": node not in self.known})}),
                     dst_node_id=node, message_type=QUERY)
             for node in sampled
         ]
@@ -100,13 +121,13 @@ class ColA(Strategy):
                 problem = cola_fl.check_batches(record, max_batches, c["batch-size"], self.vocab_size, self.num_labels, c["data.max-length"])
                 if problem is None and not evaluation and cola_fl.batch_count(record) != max_batches:
                     problem = f"query reply has {cola_fl.batch_count(record)} batches, the interval needs {max_batches}"
-            if problem is None and node not in self.adapters:
+            if problem is None and node not in self.known:
                 if "adapter" not in msg.content.array_records:
                     problem = "first query reply lacks the client's auxiliary models"
                 else:
                     problem = wire.check_arrays(msg.content.array_records["adapter"], self.template)
                     if problem is None:
-                        self.adapters[node] = self._new_adapters(msg.content.array_records["adapter"])
+                        self._join(node, msg.content.array_records["adapter"], int(msg.content.metric_records["metrics"]["num-examples"]))
             if problem is not None:
                 skip(server_round, node, problem, self.ledger)
                 continue
@@ -117,6 +138,13 @@ class ColA(Strategy):
             batches[node] = cola_fl.unpack_batches(msg.content.array_records["batch"])
         return batches
 
+    def _join(self, node: int, record: ArrayRecord, num_examples: int) -> None:
+        if self.mean is not None:
+            self.mean.add(node, record.to_torch_state_dict(), n=num_examples if self.config["cola.weighting"] == "examples" else 1.0)
+        else:
+            self.adapters[node] = self._new_adapters(record)
+        self.synced[node] = True
+
     def _check_owner(self, node: int, adapter_id: int) -> str | None:
         if node in self.owner and self.owner[node] != adapter_id:
             return f"reply carries adapter id {adapter_id}, but node {node} holds adapter {self.owner[node]}"
@@ -125,8 +153,8 @@ class ColA(Strategy):
     # --- step 3/4: hidden gradients -------------------------------------------------------------
     def hidden_pairs(self, batches: dict[int, list[dict[str, torch.Tensor]]]) -> dict[int, list[dict]]:
         """One forward + backward per batch index over all clients' batches; per-client rows of (x, G)."""
-        weights = self.examples if self.config["cola.weighting"] == "examples" else None
-        known = self.adapters if self.server.mode == "merged" else {n: self.adapters[n] for n in batches}
+        weights = self.examples if self.config["cola.weighting"] == "examples" and self.mean is None else None
+        known = self.adapter_sets() if self.server.mode == "merged" else {n: self.adapters[n] for n in batches}
         out: dict[int, list[dict]] = {n: [] for n in batches}
         for i in range(self.config["cola.interval"]):
             with FlopCounterMode(display=False) as counter:
@@ -147,12 +175,14 @@ class ColA(Strategy):
         for node, per_batch in pairs.items():
             record = wire.pack(cola_fl.pairs_payload(per_batch), self.config["cola.wire-dtype"])
             self._costs[node]["bytes_down"] += wire.nbytes(record)
-            messages.append(Message(RecordDict({"pairs": record, "config": config}), dst_node_id=node, message_type=FIT))
+            messages.append(Message(RecordDict({"pairs": record, "config": config, "control": self._control(node)}), dst_node_id=node, message_type=FIT))
+            self.synced[node] = False  # until its reply is taken
         return messages
 
     # --- step 6: updated auxiliary models -------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Take each client's updated auxiliary models (the server re-merges them next interval)."""
+        """Take each client's updated auxiliary models, or the change of its parameters (`mean`); the
+        server re-merges them next interval."""
         kept = 0
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -162,7 +192,11 @@ class ColA(Strategy):
             if problem is not None:
                 skip(server_round, node, problem, self.ledger)
                 continue
-            cola_fl.load_adapter_record(self.adapters[node], msg.content.array_records["adapter"])
+            if self.mean is not None:
+                self.mean.move(node, msg.content.array_records["adapter"].to_torch_state_dict())
+            else:
+                cola_fl.load_adapter_record(self.adapters[node], msg.content.array_records["adapter"])
+            self.synced[node] = True
             m = msg.content.metric_records["metrics"]
             cost = self._costs[node]
             cost["bytes_up"] += wire.nbytes(msg.content.array_records["adapter"])
@@ -176,15 +210,15 @@ class ColA(Strategy):
         """Client-side evaluation: every client whose auxiliary models the server holds sends (a prefix
         of) its local validation split; the server runs that client's model on it (its personal model
         W + g_k, or the shared W + mean dW in merged mode): ColA clients hold no base model."""
-        control = ConfigRecord({"step": -1, "send-adapter": False, "split": "validation"})
-        return [Message(RecordDict({"config": config, "control": control}), dst_node_id=n, message_type=QUERY) for n in sorted(self.adapters)]
+        return [Message(RecordDict({"config": config, "control": self._control(n, step=-1, split="validation", **{"send-adapter": False})}),
+                        dst_node_id=n, message_type=QUERY) for n in sorted(self.known)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-client loss and task metric on local validation data (ledger), and their example-weighted mean."""
         totals: dict[str, float] = defaultdict(float)
         for node, batches in self._accept_queries(server_round, replies, evaluation=True).items():
-            adapters = self.adapters if self.server.mode == "merged" else {node: self.adapters[node]}
-            metrics = train.evaluate_logits(lambda b: self.server.predict(b, adapters), batches, self.config["task"])
+            adapters = self.adapter_sets() if self.server.mode == "merged" else {node: self.adapters[node]}
+            metrics = train.evaluate_logits(self.server.predictor(adapters), batches, self.config["task"])
             for key, value in metrics.items():
                 self._costs[node][f"eval_{key.replace('-', '_')}"] = value
                 if key != "num-examples":

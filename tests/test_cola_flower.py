@@ -212,3 +212,54 @@ def test_client_side_evaluation_on_local_splits(setup, tmp_path):
     assert all("eval_accuracy" in c and c["eval_num_examples"] > 0 and c["loss"] is None for c in records)  # evaluated, not trained
     partition = data.load_partition(runtime.dataset_splits(config)["train"], "iid", 0, 2, config["seed"])
     assert len(runtime.client_split(config, 0, 2)) + local_val[0] == len(partition)  # the partition, split in two
+
+
+class _Nodes:
+    """The one Grid call ``ColA.configure_train`` makes: which nodes are connected."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def test_merged_linear_server_keeps_only_the_parameter_mean(setup):
+    """Merged linear auxiliary models: the server holds S = sum_k n_k w_k, clients send changes; after a
+    rejected reply the next accepted one carries the whole change, so the server's mean always equals
+    the example-weighted mean of the adapters the clients hold, and W + dW(mean) the merged model."""
+    config = cfg.build({**setup, "cola.adapter": "linear", "cola.weighting": "examples"})
+    strategy = _server(config)
+    contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in (1, 2)}
+    examples = {n: len(runtime.client_split(config, n - 1, 2)) for n in (1, 2)}
+
+    def held(node):
+        return contexts[node].state.array_records[cola_client.ADAPTERS].to_torch_state_dict()
+
+    for step in range(4):
+        strategy._step = step
+        queries = strategy.configure_train(1, ArrayRecord(), ConfigRecord(dict(config)), _Nodes([1, 2]))
+        replies = [cola_client.query(m, contexts[m.metadata.dst_node_id], config, (m.metadata.dst_node_id - 1, 2)) for m in queries]
+        assert all(("adapter" in r.content.array_records) == (step == 0) for r in replies)
+        fits = strategy.configure_fit(strategy.hidden_pairs(strategy._accept_queries(1, replies)), ConfigRecord(dict(config)))
+        answers = [cola_client.fit(m, contexts[m.metadata.dst_node_id], config, (m.metadata.dst_node_id - 1, 2)) for m in fits]
+        if step == 1:  # node 1's update is lost: the server keeps node 1's previous parameters
+            answers = [a for a in answers if a.metadata.src_node_id != 1]
+        _, metrics = strategy.aggregate_train(1, answers)
+        assert metrics["clients"] == len(answers)
+        assert strategy.adapters == {} and set(strategy.mean.n) == {1, 2}
+        mean = cola_fl.adapter_record(strategy.mean.adapters).to_torch_state_dict()
+        w1, w2 = held(1), held(2)
+        if step == 1:
+            assert any(not torch.allclose(mean[k], (examples[1] * w1[k] + examples[2] * w2[k]) / sum(examples.values()), atol=1e-7) for k in mean)
+        else:
+            for k in mean:
+                assert torch.allclose(mean[k], (examples[1] * w1[k] + examples[2] * w2[k]) / sum(examples.values()), atol=1e-7), (step, k)
+    per_client = {}
+    for n in (1, 2):
+        per_client[n] = cola_fl.build_adapters(config, seed=0)
+        cola_fl.load_adapter_record(per_client[n], contexts[n].state.array_records[cola_client.ADAPTERS])
+    server = strategy.server
+    exact = server.merged_weights(per_client, examples)
+    for name, value in server.merged_weights(strategy.adapter_sets()).items():
+        assert torch.allclose(value, exact[name], atol=1e-6), name
