@@ -1,6 +1,7 @@
 """``fedcola``: run simulations, list config keys, show a run's results.
 
     fedcola run simulations/fedavg_lora_minilm.toml --set rounds=5 --set lr=1e-3
+    fedcola run --resume runs/<run> [--set rounds=8]
     fedcola keys
     fedcola show runs/<run>
     fedcola export runs/<run>
@@ -61,8 +62,25 @@ def _watch(ledger_path: Path, rounds: int, stop: threading.Event, task_metric: s
                 progress.update(task, completed=len(done), status=f"val {task_metric} {s.get(task_metric, float('nan')):.4f} · loss {s.get('loss', float('nan')):.4f}")
 
 
+def run_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
+    """(config, run dir) of ``fedcola run``: from the TOML file and ``--set``, or, with ``--resume``,
+    the resumed run's own config (only ``rounds`` may be set, to extend it)."""
+    from fedcola import server_app
+
+    if not args.resume:
+        if args.config is None:
+            raise ValueError("fedcola run needs a TOML config (or --resume RUN_DIR)")
+        return cfg.load(args.config, args.set or []), Path(args.run_dir) if args.run_dir else None
+    if args.config or args.run_dir:
+        raise ValueError("--resume takes the run's own config and directory; give no config file or --run-dir")
+    sets = cfg.parse_sets(args.set or [])
+    if set(sets) - {"rounds"}:
+        raise ValueError(f"a resumed run keeps its config; only rounds may be set (got {', '.join(sorted(sets))})")
+    return server_app.resumed_config(args.resume, sets.get("rounds")), Path(args.resume)
+
+
 def run(args: argparse.Namespace) -> int:
-    config = cfg.load(args.config, args.set or [])
+    config, run_dir = run_config(args)
     preflight(config)
 
     import flwr.simulation
@@ -71,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from fedcola import client_app, ledger, report, server_app
     from fedcola.train import metric_name
 
-    run_dir = Path(args.run_dir) if args.run_dir else server_app.new_run_dir(config)
+    run_dir = run_dir or server_app.new_run_dir(config)
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     stop = threading.Event()
@@ -123,7 +141,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedcola", description="Federated ColA, LTE and GreenTrainer on Flower.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a local multi-client simulation from a TOML config")
-    r.add_argument("config", help="a TOML file, e.g. simulations/fedavg_lora_minilm.toml")
+    r.add_argument("config", nargs="?", help="a TOML file, e.g. simulations/fedavg_lora_minilm.toml")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue that run after its last checkpointed round (same config; --set rounds=N extends it)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable); values in TOML syntax")
     r.add_argument("--run-dir", help="where the ledger, plot and weights go (default: <out-dir>/<method>-<model>-<dataset>-<time>)")
     r.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")

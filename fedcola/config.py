@@ -65,6 +65,7 @@ DEFAULTS: dict[str, Scalar] = {
     "eval.batch-size": 64,
     "client.num-cpus": 1,
     "out-dir": "runs",
+    "resume-dir": "",  # a run directory to continue after its last checkpointed round (its own config is used)
 }
 
 METHODS = ("fedavg_lora", "cola", "lte")
@@ -146,13 +147,18 @@ def load(path: str | Path, sets: list[str] = ()) -> dict[str, Scalar]:
         table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-    overrides = flatten(table)
+    return build({**flatten(table), **parse_sets(sets)})
+
+
+def parse_sets(sets: list[str]) -> dict[str, Scalar]:
+    """``--set key=value`` items as {key: value}."""
+    out = {}
     for item in sets:
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects key=value, got '{item}'")
-        overrides[key.strip()] = parse_value(text.strip())
-    return build(overrides)
+        out[key.strip()] = parse_value(text.strip())
+    return out
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> dict[str, Scalar]:

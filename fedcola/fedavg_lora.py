@@ -64,7 +64,9 @@ def client_train(config: dict, state: dict[str, torch.Tensor], partition_id: int
     model = cached_model(config)
     load_trainable(model, state)
     part = runtime.client_split(config, partition_id, num_partitions)
-    batches = train.cycle(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, server_round, partition_id)))
+    seed = runtime.round_seed(config, server_round, partition_id)
+    torch.manual_seed(seed)  # dropout: a round's result depends on (seed, round, client) only, so a resumed run repeats it
+    batches = train.cycle(runtime.loader(config, part, shuffle=True, seed=seed))
     optimizer = train.make_optimizer(config["optimizer"], [p for p in model.parameters() if p.requires_grad], config["lr"], config["weight-decay"])
     stats = train.train_steps(model, batches, config["local-steps"], optimizer)
     return trainable_state(model), stats, len(part)

@@ -52,6 +52,15 @@ class Ledger:
         self._round: dict[str, Any] | None = None
         self._t0 = 0.0
 
+    @classmethod
+    def reopen(cls, path: str | Path, last_round: int, config: dict[str, Any]) -> Ledger:
+        """A resumed run's ledger: the saved rounds up to ``last_round`` (its checkpoint's), running again."""
+        saved = load(path)
+        ledger = cls(path, saved["method"], config)
+        ledger.data.update(started=saved["started"], rounds=[r for r in saved["rounds"] if r["round"] <= last_round],
+                           resumed=[*saved.get("resumed", []), {"after_round": last_round, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}])
+        return ledger
+
     @property
     def rounds(self) -> list[dict[str, Any]]:
         return self.data["rounds"]

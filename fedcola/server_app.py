@@ -16,12 +16,16 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
 from fedcola import config as cfg
-from fedcola import cola_fl, fedavg_lora, lte_client, report, runtime, train
+from fedcola import checkpoint, cola_fl, fedavg_lora, lte_client, report, runtime, train
 from fedcola.cola import ColaServer
 from fedcola.ledger import Ledger
+from fedcola.ledger import load as load_ledger
 from strategies.cola import ColA
 from strategies.fedavg_lora import FedAvgLoRA
 from strategies.lte import make_strategy as make_lte_strategy
+
+
+RESUMABLE = ("fedavg_lora",)
 
 
 def new_run_dir(config: dict) -> Path:
@@ -29,13 +33,20 @@ def new_run_dir(config: dict) -> Path:
     return Path(config["out-dir"]) / f"{config['method']}-{config['model']}-{config['dataset'].replace('/', '_')}-{stamp}"
 
 
-def make_evaluate_fn(config: dict, ledger: Ledger, model):
-    """Server-side evaluation of the global model on (a prefix of) the validation split."""
+def make_evaluate_fn(config: dict, ledger: Ledger, model, run_dir: Path, round_offset: int = 0):
+    """Server-side evaluation of the global model on (a prefix of) the validation split, then the
+    round's checkpoint. Flower's round r is the run's round r + ``round_offset`` (a resumed run)."""
     loader = runtime.validation_loader(config)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        fedavg_lora.load_trainable(model, arrays.to_torch_state_dict())
-        return _record_eval(ledger, server_round, train.evaluate(model, loader, config["task"]))
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and round_offset:
+            return None  # the resumed round is in the ledger already
+        server_round += round_offset
+        state = arrays.to_torch_state_dict()
+        fedavg_lora.load_trainable(model, state)
+        metrics = _record_eval(ledger, server_round, train.evaluate(model, loader, config["task"]))
+        checkpoint.save(run_dir, server_round, state)
+        return metrics
 
     return evaluate_fn
 
@@ -48,18 +59,18 @@ def _record_eval(ledger: Ledger, server_round: int, metrics: dict[str, float]) -
     return MetricRecord({k: float(v) for k, v in metrics.items()})
 
 
-def run_fedavg_lora(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> None:
+def run_fedavg_lora(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: checkpoint.Checkpoint | None) -> None:
     model = fedavg_lora.build_model(config)
-    initial = fedavg_lora.trainable_state(model)
-    strategy = FedAvgLoRA(fraction_train=config["fraction-train"], min_available_nodes=config["num-clients"], ledger=ledger)
+    initial, done = (resume.tensors, resume.round) if resume else (fedavg_lora.trainable_state(model), 0)
+    strategy = FedAvgLoRA(fraction_train=config["fraction-train"], min_available_nodes=config["num-clients"], ledger=ledger, round_offset=done)
     result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=config["rounds"],
-        train_config=ConfigRecord(dict(config)), evaluate_fn=make_evaluate_fn(config, ledger, model),
+        grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=config["rounds"] - done,
+        train_config=ConfigRecord(dict(config)), evaluate_fn=make_evaluate_fn(config, ledger, model, run_dir, done),
     )
     save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
 
 
-def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> None:
+def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: checkpoint.Checkpoint | None) -> None:
     """ColA: the server's frozen base model; evaluation of W + mean dW (merged) or of each client's
     personal model, averaged over clients (unmerged / detached)."""
     server = ColaServer(runtime.base_model(config), cola_fl.targets_of(config), mode=config["cola.mode"])
@@ -76,7 +87,7 @@ def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> None:
     cola_fl.save_adapters(run_dir / "final.safetensors", strategy.adapter_sets())
 
 
-def run_lte(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> None:
+def run_lte(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: checkpoint.Checkpoint | None) -> None:
     """LTE: the fp32 master W, merged from the clients' low-rank deltas; evaluated on the server."""
     strategy, weights = make_lte_strategy(config, ledger)
     evaluate = lte_client.make_evaluator(config)
@@ -87,13 +98,24 @@ def run_lte(grid: Grid, config: dict, run_dir: Path, ledger: Ledger) -> None:
     save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
 
 
+def resumed_config(run_dir: str | Path, rounds: int | None = None) -> dict:
+    """The config of the run in ``run_dir`` (its ledger's), to continue it; ``rounds`` may extend it."""
+    saved = load_ledger(Path(run_dir) / "ledger.json")
+    if saved["method"] not in RESUMABLE:
+        raise ValueError(f"resuming a {saved['method']} run is not supported yet (resumable: {', '.join(RESUMABLE)})")
+    checkpoint.load(run_dir, tensors=False)  # fail here, in one line, when there is nothing to resume
+    return cfg.build({**saved["config"], "resume-dir": str(run_dir), **({"rounds": rounds} if rounds is not None else {})})
+
+
 def run_server(grid: Grid, config: dict, run_dir: Path) -> Ledger:
-    """Run ``config['rounds']`` rounds of the configured method on ``grid``; returns the ledger."""
+    """Run ``config['rounds']`` rounds of the configured method on ``grid`` (after the checkpointed
+    round of ``config['resume-dir']``, if set: then ``run_dir`` is that directory); returns the ledger."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(run_dir / "ledger.json", config["method"], config)
+    resume = checkpoint.load(run_dir) if config["resume-dir"] else None
+    ledger = Ledger.reopen(run_dir / "ledger.json", resume.round, config) if resume else Ledger(run_dir / "ledger.json", config["method"], config)
     ledger.save()
     try:
-        {"fedavg_lora": run_fedavg_lora, "cola": run_cola, "lte": run_lte}[config["method"]](grid, config, run_dir, ledger)
+        {"fedavg_lora": run_fedavg_lora, "cola": run_cola, "lte": run_lte}[config["method"]](grid, config, run_dir, ledger, resume)
         last = ledger.rounds[-1]["server"]
         ledger.finish("completed", **{k: last[k] for k in ("loss", train.metric_name(config["task"])) if k in last})
     except BaseException as err:
@@ -111,7 +133,9 @@ def make_app(config: dict | None = None, run_dir: Path | None = None) -> ServerA
     def main(grid: Grid, context: Context) -> None:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         run_config = config if config is not None else cfg.from_run_config(context.run_config)
-        run_server(grid, run_config, run_dir or new_run_dir(run_config))
+        if config is None and run_config["resume-dir"]:
+            run_config = resumed_config(run_config["resume-dir"])
+        run_server(grid, run_config, run_dir or (Path(run_config["resume-dir"]) if run_config["resume-dir"] else new_run_dir(run_config)))
 
     return app
 

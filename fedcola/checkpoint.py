@@ -1,0 +1,53 @@
+"""Server checkpoints: after every completed round, what the server needs to go on from the next one.
+
+``<run_dir>/checkpoint.safetensors`` holds the strategy's tensors (global weights, adapters, ...); its
+metadata holds the round number and the strategy's other state as JSON. It is written atomically
+(temporary file, then ``os.replace``) right after the ledger records the round, so a run resumed
+from it (``fedcola run --resume RUN_DIR``, or run config ``resume-dir``) drops any ledger round past
+the checkpoint and neither loses nor repeats a round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+FILE = "checkpoint.safetensors"
+META = "fedcola.checkpoint"
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    round: int
+    tensors: dict[str, Tensor]
+    state: dict[str, Any]
+
+
+def save(run_dir: Path, server_round: int, tensors: dict[str, Tensor], state: dict[str, Any] | None = None) -> None:
+    path = Path(run_dir) / FILE
+    tmp = path.with_name(f".{FILE}.tmp{os.getpid()}")
+    meta = json.dumps({"round": server_round, "state": state or {}})
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata={META: meta})
+    os.replace(tmp, path)
+
+
+def load(run_dir: Path, tensors: bool = True) -> Checkpoint:
+    """The run's last checkpoint (``tensors=False``: its round and state only); a clear error when
+    there is none or it is damaged."""
+    path = Path(run_dir) / FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no {FILE}: the run finished no round that could be resumed")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()[META])
+            arrays = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except Exception as err:
+        raise ValueError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from None
+    return Checkpoint(int(meta["round"]), arrays, meta["state"])
