@@ -67,7 +67,7 @@ class LTE(Strategy):
         self.message_type = message_type
         self.W: dict[str, Tensor] = {}
         self.version = 0
-        self.history: dict[int, tuple[ArrayRecord, int]] = {}  # version v -> (merged update v-1 -> v, its bytes)
+        self.history: dict[int, tuple[ArrayRecord | None, int]] = {}  # version v -> (merged update v-1 -> v, its bytes)
         self.history_size = 1
         self._full: tuple[int, ArrayRecord] | None = None  # (version, W as a record), built once per version
         self.sent: dict[int, tuple[int, int]] = {}  # node -> (version its W holds, bytes sent)
@@ -78,6 +78,9 @@ class LTE(Strategy):
     def _init_weights(self, arrays: ArrayRecord) -> None:
         if not self.W:
             self.W = {k: v.float() for k, v in arrays.to_torch_state_dict().items()}
+
+    def _full_nbytes(self) -> int:
+        return delta_nbytes(self.W) + nbytes(self.frozen)
 
     def _full_payload(self) -> RecordDict:
         if self._full is None or self._full[0] != self.version:
@@ -93,7 +96,7 @@ class LTE(Strategy):
         missing = range(base + 1, self.version + 1) if base is not None else None
         if missing is None or any(v not in self.history for v in missing):
             return self._full_payload()
-        if sum(self.history[v][1] for v in missing) >= delta_nbytes(self.W) + nbytes(self.frozen):
+        if sum(self.history[v][1] for v in missing) >= self._full_nbytes():
             return self._full_payload()
         updates = {f"update.{v}": self.history[v][0] for v in missing}
         return RecordDict(updates | {"lte": ConfigRecord({"version": self.version, "base": base})})
@@ -148,8 +151,10 @@ class LTE(Strategy):
         return kept
 
     def _advance(self, update: dict[str, Delta]) -> None:
+        """Keep the merged update as a record, unless it is too large to ever be sent (W goes instead)."""
         self.version += 1
-        self.history[self.version] = (delta_record(update), delta_nbytes(update))
+        size = delta_nbytes(update)
+        self.history[self.version] = (delta_record(update) if size < self._full_nbytes() else None, size)
         self.history.pop(self.version - self.history_size, None)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
