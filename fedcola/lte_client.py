@@ -227,11 +227,9 @@ def sync_model(content: RecordDict, context: Context, model: nn.Module, seed: in
     return version, 0 if held is None else held[1]
 
 
-def slowdown(config: dict, node: runtime.NodeOptions) -> float:
-    """The client's straggler factor: its node config's ``slowdown``, else ``lte.slowdown``
-    (``"partition:factor,..."``, for simulations, where nodes have no node config of their own)."""
-    if node.slowdown != 1.0:
-        return node.slowdown
+def slowdowns(config: dict) -> dict[int, float]:
+    """``lte.slowdown`` (``"partition:factor,..."``) as a map; one-line ValueError if malformed."""
+    factors = {}
     for item in names(config, "lte.slowdown"):
         pid, _, text = item.partition(":")
         try:
@@ -240,9 +238,14 @@ def slowdown(config: dict, node: runtime.NodeOptions) -> float:
             partition, factor = -1, float("nan")
         if not factor >= 1.0:
             raise ValueError(f"lte.slowdown expects 'partition:factor' items with factor >= 1, got {item!r}")
-        if partition == node.partition_id:
-            return factor
-    return 1.0
+        factors[partition] = factor
+    return factors
+
+
+def slowdown(config: dict, node: runtime.NodeOptions) -> float:
+    """The client's straggler factor: its node config's ``slowdown``, else its entry in ``lte.slowdown``
+    (for simulations, where nodes have no node config of their own)."""
+    return node.slowdown if node.slowdown != 1.0 else slowdowns(config).get(node.partition_id, 1.0)
 
 
 def lte_train(msg: Message, context: Context, config: dict) -> Message:

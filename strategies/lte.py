@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fedcola.ledger import Ledger
 from fedcola.lte import Delta, InvalidDeltaError, delta_nbytes, merge, merge_async, staleness_weight, validate_delta
-from fedcola.lte_client import delta_record, initial_arrays, lte_options, record_delta
+from fedcola.lte_client import delta_record, initial_arrays, lte_options, record_delta, slowdowns
 from fedcola.wire import nbytes
 from strategies.screening import screen, skip
 
@@ -312,6 +312,7 @@ class LTEAsync(LTE):
 def make_strategy(config: dict, ledger: Ledger | None = None) -> tuple[LTE, ArrayRecord]:
     """The run's LTE strategy (``lte.async`` picks :class:`LTEAsync`) and its initial ``W``."""
     opts = lte_options(config)
+    slowdowns(config)  # a malformed lte.slowdown fails here, not in every client
     weights, frozen = initial_arrays(config)
     common = dict(r=opts.r, frozen_arrays=frozen, fraction_train=config["fraction-train"],
                   min_available_nodes=config["num-clients"], weighted=opts.weighted, ledger=ledger)

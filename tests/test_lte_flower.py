@@ -316,6 +316,8 @@ def test_slowdown_from_node_config_or_run_config():
     config = FAST | {"lte.slowdown": "3:4, 1:2.5"}
     assert [lte_client.slowdown(config, node(p)) for p in range(4)] == [1.0, 2.5, 1.0, 4.0]
     assert lte_client.slowdown(config, node(0, 3.0)) == 3.0  # the node's own config wins
-    for bad in ("3", "x:2", "1:0.5", "1:nan"):
+    for bad in ("3", "x:2", "1:0.5", "1:nan", "1:2,2:0", "1:2,x:3", "1:2,2:nan"):
         with pytest.raises(ValueError, match="lte.slowdown"):
             lte_client.slowdown(FAST | {"lte.slowdown": bad}, node(0))
+        with pytest.raises(ValueError, match="lte.slowdown"):
+            make_strategy(FAST | {"lte.slowdown": bad})  # the server refuses it before any client runs
