@@ -100,6 +100,7 @@ def run_centralized(config: dict, run_dir: Path) -> Ledger:
     federated round), then the same server-side evaluation. Ledger ``method`` = ``"centralized"``;
     the final weights go to ``final.safetensors`` under the full-rank baseline's keys."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config["client.num-cpus"])  # the compute of one client
     config = config | {"lte.full-rank": True}
     ledger = Ledger(run_dir / "ledger.json", "centralized", config)
     n = config["num-clients"]

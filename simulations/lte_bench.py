@@ -20,7 +20,7 @@ local steps T, batch size, optimizer, learning rate, seed and the ledger
   their wall times are compared pairwise. "The same number of merges" = the same number of client
   deltas merged (sync: rounds x N, async: rounds x N single-delta merges).
 
-Everything is read back from the runs' ledgers (``<out>/runs/<arm>/ledger.json``, not committed).
+Everything is read back from the runs' ledgers (``runs/lte_bench/<arm>/ledger.json``, not committed).
 Samples seen = local steps x batch size per merged reply (centralized: N x T x B per round).
 """
 
@@ -36,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from fedcola import config as cfg
@@ -46,7 +47,7 @@ console = Console()
 
 CONFIG = ROOT / "simulations" / "lte_gpt256_hamlet.toml"
 SIZES = {  # rounds of fedavg-full / centralized and of lte, straggler rounds (sync and async), repetitions
-    "full": {"rounds": 10, "lte_rounds": 15, "straggler_rounds": 4, "reps": 2},
+    "full": {"rounds": 8, "lte_rounds": 12, "straggler_rounds": 3, "reps": 2},
     "quick": {"rounds": 2, "lte_rounds": 3, "straggler_rounds": 1, "reps": 1},
 }
 
@@ -93,7 +94,7 @@ def curve(ledger: dict) -> dict:
         points.append({"round": rnd["round"], "loss": rnd["server"]["loss"], "samples": samples, "bytes": sent, "merged": merged})
     return {"points": points, "train_wall_time_s": ledger["summary"].get("train_wall_time_s"),
             "bytes_up": [[c["bytes_up"] for c in r["clients"]] for r in ledger["rounds"] if r["round"] > 0],
-            "client_wall_time_s": [{c["partition_id"]: c["wall_time_s"] for c in r["clients"]} for r in ledger["rounds"] if r["round"] > 0],
+            "client_wall_time_s": [[c["partition_id"], c["wall_time_s"]] for r in ledger["rounds"] for c in r["clients"]],
             "skipped": sum(len(r["skipped"]) for r in ledger["rounds"])}
 
 
@@ -105,6 +106,15 @@ def samples_to_reach(points: list[dict], loss: float) -> float | None:
                 return prev["samples"]
             t = (prev["loss"] - loss) / (prev["loss"] - cur["loss"])
             return prev["samples"] + t * (cur["samples"] - prev["samples"])
+    return None
+
+
+def loss_at(points: list[dict], samples: float) -> float | None:
+    """Validation loss after ``samples`` samples (linear between evaluations), None beyond the run."""
+    for prev, cur in zip(points, points[1:]):
+        if prev["samples"] <= samples <= cur["samples"]:
+            t = (samples - prev["samples"]) / (cur["samples"] - prev["samples"])
+            return prev["loss"] + t * (cur["loss"] - prev["loss"])
     return None
 
 
@@ -128,11 +138,13 @@ def plot(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     arms = results["arms"]
-    main = [a for a in ("centralized", "fedavg-full", "lte") if a in arms]
+    lr = results["lr"]
+    main = {"centralized": f"centralized (lr {lr['full-rank']:g})", "fedavg-full": f"FedAvg full-rank (lr {lr['full-rank']:g})"}
+    main |= {f"lte-lr{x:g}": f"LTE r={results['config']['lte.r']} (lr {x:g})" for x in lr["lte-tried"]}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for arm in main:
+    for arm, label in main.items():
         pts = arms[arm]["points"]
-        ax.plot([p["samples"] for p in pts], [p["loss"] for p in pts], "o-", ms=3, label=arm)
+        ax.plot([p["samples"] for p in pts], [p["loss"] for p in pts], "o-" if arm != f"lte-lr{lr['lte']:g}" else "s-", ms=3, label=label)
     target = results["targets"]["samples"]
     ax.axhline(target["fedavg_final_loss"], color="gray", ls=":", lw=1, label="FedAvg full-rank final loss")
     ax.set(xlabel="training samples seen (all clients)", ylabel="validation loss (nats / char)", title="gpt-tiny on hamlet: loss vs samples")
@@ -144,7 +156,7 @@ def plot(results: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for arm in ("fedavg-full", "lte"):
         pts = [p for p in arms[arm]["points"] if p["bytes"] > 0]
-        ax.plot([p["bytes"] / 2**20 for p in pts], [p["loss"] for p in pts], "o-", ms=3, label=arm)
+        ax.plot([p["bytes"] / 2**20 for p in pts], [p["loss"] for p in pts], "o-", ms=3, label=main[arm] if arm in main else main[f"lte-lr{lr['lte']:g}"])
     ax.set(xscale="log", xlabel="bytes exchanged, up + down, all clients (MiB, log)", ylabel="validation loss (nats / char)",
            title="gpt-tiny on hamlet: loss vs communication")
     ax.grid(alpha=0.3, which="both")
@@ -181,7 +193,8 @@ def write_readme(results: dict, out: Path) -> None:
         f"gpt-tiny (Llama, hidden {c['scratch.hidden']}, {c['scratch.layers']} layer(s), {c['scratch.heads']} heads, "
         f"character vocabulary {results['vocab']}) trained from scratch on hamlet, blocks of {c['data.block-chars']} characters; "
         f"N = {c['num-clients']} clients (iid partitions), T = {c['local-steps']} local steps of batch {c['batch-size']}, "
-        f"{c['optimizer']} lr {c['lr']:g}, seed {c['seed']}; LTE rank r = {c['lte.r']}, alpha = {c['lte.alpha']:g}, heads on every "
+        f"{c['optimizer']}, seed {c['seed']}; learning rate {results['lr']['full-rank']:g} for FedAvg full-rank and centralized, "
+        f"LTE tried at {', '.join(f'{x:g}' for x in results['lr']['lte-tried'])} and reported at its best, {results['lr']['lte']:g}; LTE rank r = {c['lte.r']}, alpha = {c['lte.alpha']:g}, heads on every "
         "Linear, norms and embeddings frozen (the paper's defaults), reset-less. Validation: the first "
         f"{c['eval.max-examples']} validation blocks, evaluated by the server after every round. "
         "Regenerate: `python -m simulations.lte_bench` "
@@ -192,7 +205,10 @@ def write_readme(results: dict, out: Path) -> None:
         "| target | measured | verdict |", "|---|---|---|",
         f"| LTE reaches FedAvg full-rank's final validation loss ({sm['fedavg_final_loss']:.4f}) within 1.3x its samples | "
         + (f"FedAvg {sm['fedavg_samples']:.0f} samples, LTE {sm['lte_samples']:.0f}: **{sm['ratio']:.2f}x**" if sm["ratio"] is not None
-           else f"LTE did not reach it in {arms['lte']['points'][-1]['samples']} samples")
+           else f"FedAvg {sm['fedavg_samples']:.0f} samples; LTE did not reach it in {arms['lte']['points'][-1]['samples']} samples "
+                f"(**{arms['lte']['points'][-1]['samples'] / sm['fedavg_samples']:.2f}x**, final loss {arms['lte']['points'][-1]['loss']:.4f})")
+        + f"; LTE's loss at FedAvg's samples {sm['lte_loss_at_fedavg_samples']:.4f}, at 1.3x "
+        + (f"{sm['lte_loss_at_1.3x_fedavg_samples']:.4f}" if sm["lte_loss_at_1.3x_fedavg_samples"] is not None else "(not run)")
         + f" | {verdict(sm['holds'])} |",
         f"| uplink bytes per client per sync <= 0.1x FedAvg's (r = {c['lte.r']}, d = {c['scratch.hidden']}) | "
         f"FedAvg {up['fedavg_bytes_per_client_per_sync'] / kib:.0f} KiB; LTE first sync (rank r) {up['lte_first_sync'] / kib:.1f} KiB = "
@@ -205,6 +221,9 @@ def write_readme(results: dict, out: Path) -> None:
         "![loss vs samples](loss_vs_samples.png) ![loss vs bytes](loss_vs_bytes.png)", "",
         "| arm | rounds | samples | final validation loss | bytes exchanged (up + down) |", "|---|---|---|---|---|",
         *[f"| {arm} | {p['round']} | {p['samples']} | {p['loss']:.4f} | {p['bytes'] / 2**20:.1f} MiB |" for arm, p in final.items()], "",
+        f"Learning rates: FedAvg full-rank and centralized use {results['lr']['full-rank']:g}, the better of 1e-3 and 3e-3 for "
+        "FedAvg full-rank in a 10-round check made before this run, outside this script (validation loss 2.12 at 1e-3, 2.40 "
+        "at 3e-3); LTE's learning rate is the best final loss among the rates this script tried (both curves are plotted). "
         "Centralized = one process, N x T steps of the same batch size per round (the same samples as a federated round), "
         "on the union of the clients' training splits; it exchanges nothing. FedAvg full-rank = `lte.full-rank = true` on the "
         "same client/strategy code: every parameter trained, the dense change averaged (dense W down every round).", "",
@@ -242,35 +261,51 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few rounds per arm (smoke run)")
     p.add_argument("--out", default="docs/lte")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of every arm (default: the config file's)")
+    p.add_argument("--lr-full", type=float, default=1e-3, help="learning rate of FedAvg full-rank and centralized")
+    p.add_argument("--lr-lte", default="1e-3,3e-3", help="learning rates tried for LTE (the best final loss is 'lte')")
     p.add_argument("--slowdown", type=float, default=4.0)
+    p.add_argument("--analyse-only", action="store_true", help="re-read the ledgers of a finished run under runs/lte_bench")
     args = p.parse_args()
     for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
                        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}.items():
         os.environ.setdefault(key, value)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    from fedcola import runtime
+    torch.set_num_threads(1)  # the server's evaluations; more threads than free cores only spin on a shared machine
+    from fedcola import ledger, runtime
 
     size = SIZES["quick" if args.quick else "full"]
     out = ROOT / args.out
-    runs = out / "runs"
-    config = cfg.load(CONFIG, [f"lr={args.lr}", f"rounds={size['rounds']}"])
+    runs = ROOT / "runs" / ("lte_bench_quick" if args.quick else "lte_bench")
+    config = cfg.load(CONFIG, [f"rounds={size['rounds']}"])
     n, cpus = config["num-clients"], os.cpu_count() or 1
-    straggler = config | {"rounds": size["straggler_rounds"], "lte.slowdown": f"{n - 1}:{args.slowdown:g}", "lte.max-staleness": 50}
-    plan = [
-        ("centralized", None, config),
-        ("fedavg-full", cpus, config | {"lte.full-rank": True}),
-        ("lte", cpus, config | {"rounds": size["lte_rounds"]}),
-    ]
-    for rep in range(size["reps"]):  # interleaved: the machine is shared, so compare neighbours
-        plan += [(f"lte-sync-straggler-{rep}", n, straggler), (f"lte-async-straggler-{rep}", n, straggler | {"lte.async": True})]
-    t_start, ledgers = time.time(), {}
-    for i, (arm, actors, arm_config) in enumerate(plan, 1):
-        console.rule(f"[bold]{i}/{len(plan)} {arm}[/bold]: {arm_config['rounds']} rounds, "
+    lte_lrs = [float(x) for x in args.lr_lte.split(",")]
+    total = 2 + len(lte_lrs) + 2 * size["reps"]
+    ledgers: dict[str, dict] = {}
+
+    def arm(name: str, actors: int | None, arm_config: dict) -> None:
+        if args.analyse_only:
+            ledgers[name] = ledger.load(runs / name / "ledger.json")
+            return
+        console.rule(f"[bold]{len(ledgers) + 1}/{total} {name}[/bold]: {arm_config['rounds']} rounds, lr {arm_config['lr']:g}, "
                      + ("one process" if actors is None else f"{n} clients on {actors} Ray actors"))
         t0 = time.time()
-        ledgers[arm] = run_arm(arm_config, runs / arm, actors)
-        console.print(f"{arm}: final validation loss {ledgers[arm]['rounds'][-1]['server']['loss']:.4f}, {time.time() - t0:.0f} s")
+        ledgers[name] = run_arm(arm_config, runs / name, actors) | {"bench_wall_time_s": 0.0}
+        ledgers[name]["bench_wall_time_s"] = time.time() - t0
+        (runs / name / "ledger.json").write_text(json.dumps(ledgers[name], indent=1))
+        console.print(f"{name}: final validation loss {ledgers[name]['rounds'][-1]['server']['loss']:.4f}, {time.time() - t0:.0f} s")
+
+    full = config | {"lr": args.lr_full}
+    arm("fedavg-full", cpus, full | {"lte.full-rank": True})
+    for lr in lte_lrs:
+        arm(f"lte-lr{lr:g}", cpus, config | {"lr": lr, "rounds": size["lte_rounds"]})
+    arm("centralized", None, full)
+    best_lr = min(lte_lrs, key=lambda lr: ledgers[f"lte-lr{lr:g}"]["rounds"][-1]["server"]["loss"])
+    ledgers["lte"] = ledgers[f"lte-lr{best_lr:g}"]
+    straggler = config | {"lr": best_lr, "rounds": size["straggler_rounds"], "lte.slowdown": f"{n - 1}:{args.slowdown:g}",
+                          "lte.max-staleness": 50}
+    for rep in range(size["reps"]):  # interleaved: the machine is shared, so compare neighbours
+        arm(f"lte-sync-straggler-{rep}", n, straggler)
+        arm(f"lte-async-straggler-{rep}", n, straggler | {"lte.async": True})
 
     arms = {arm: curve(ledger) for arm, ledger in ledgers.items()}
     fed, lte = arms["fedavg-full"], arms["lte"]
@@ -286,9 +321,8 @@ def main() -> None:
             name = f"lte-{mode}-straggler-{rep}"
             run = arms[name] | {"eval_times_s": eval_times(ledgers[name]["rounds"])}
             walls = run["client_wall_time_s"]
-            slow = [w[n - 1] for w in walls if n - 1 in w]
-            fast = [t for w in walls for pid, t in w.items() if pid != n - 1]
-            run["slow_client_wall_s"], run["fast_client_wall_s"] = statistics.mean(slow), statistics.mean(fast)
+            run["slow_client_wall_s"] = statistics.mean(t for pid, t in walls if pid == n - 1)
+            run["fast_client_wall_s"] = statistics.mean(t for pid, t in walls if pid != n - 1)
             pair[mode] = run
         pair["wall_ratio"] = pair["async"]["train_wall_time_s"] / pair["sync"]["train_wall_time_s"]
         pair["loss_ratio"] = pair["async"]["points"][-1]["loss"] / pair["sync"]["points"][-1]["loss"]
@@ -299,16 +333,18 @@ def main() -> None:
     vocab = len(runtime.tokenizer(config))
     targets = {
         "samples": {"fedavg_final_loss": fed_final, "fedavg_samples": s_fed, "lte_samples": s_lte, "ratio": sample_ratio,
+                    "lte_loss_at_fedavg_samples": loss_at(lte["points"], s_fed),
+                    "lte_loss_at_1.3x_fedavg_samples": loss_at(lte["points"], 1.3 * s_fed),
                     "holds": sample_ratio is not None and sample_ratio <= 1.3},
         "uplink": {"fedavg_bytes_per_client_per_sync": up_fed, "lte_first_sync": up_lte_first, "lte_later_syncs": up_lte_later,
                    "ratio_first": up_lte_first / up_fed, "ratio_later": up_lte_later / up_fed, "holds": up_lte_later / up_fed <= 0.1},
         "async": {"wall_ratio": wall_ratio, "loss_ratio": loss_ratio, "holds": wall_ratio <= 0.5 and loss_ratio <= 1.05},
     }
     results = {
-        "config": config, "sizes": size, "straggler": {"slowdown": args.slowdown, "partition": n - 1, "pairs": pairs,
+        "config": config, "lr": {"full-rank": args.lr_full, "lte-tried": lte_lrs, "lte": best_lr}, "sizes": size, "straggler": {"slowdown": args.slowdown, "partition": n - 1, "pairs": pairs,
                                                       "max_staleness": straggler["lte.max-staleness"]},
         "arms": arms, "targets": targets, "layer_ratios": layer_ratios(config, vocab), "vocab": vocab,
-        "machine": {"cpus": cpus, "platform": platform.platform(), "shared": True}, "total_wall_time_s": time.time() - t_start,
+        "machine": {"cpus": cpus, "platform": platform.platform(), "shared": True}, "total_wall_time_s": sum(lg.get("bench_wall_time_s", 0.0) for name, lg in ledgers.items() if name != "lte"),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
