@@ -55,6 +55,8 @@ DEFAULTS: dict[str, Scalar] = {
     "lte.staleness-exponent": 0.5,
     "lte.max-staleness": 10,
     "lte.async-mix": 0.0,
+    "lte.full-rank": False,
+    "lte.slowdown": "",
     "scratch.hidden": 64,
     "scratch.layers": 2,
     "scratch.heads": 4,

@@ -4,7 +4,12 @@ what client and server share (options, model, data, the wire format of deltas, e
 A client keeps its copy of the main weights ``W``, its LoRA head ``(A, B)``, the snapshot
 ``(A~, B~)`` and its optimizer state in ``context.state`` (ArrayRecords + one ConfigRecord), so they
 survive between messages on a SuperNode and across the virtual clients that share a Ray actor in
-simulation; nothing per-client lives in this module.
+simulation. The process builds the run's model once (:func:`cached_model`) and loads a client's
+state into it for each message; nothing per-client lives in this module between messages.
+
+``lte.full-rank = true`` turns the same machinery into the FedAvg full-rank baseline: no heads,
+every parameter trained and its change averaged at merge (all parameters are replicas, so the
+merge is FedAvg's weight average ``W <- mean_n W_n`` when every client starts from ``W``).
 
 Server -> client (``strategies.lte``), records of the message content:
 
@@ -21,6 +26,7 @@ and ``metrics`` (the ledger's fields plus ``base-version``, the version it train
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
@@ -61,6 +67,7 @@ class LTEOptions:
     staleness_exponent: float
     max_staleness: int
     async_mix: float
+    full_rank: bool
     spec: models.ScratchSpec
 
 
@@ -71,6 +78,7 @@ def lte_options(config: dict) -> LTEOptions:
         r=config["lte.r"], alpha=config["lte.alpha"], targets=targets or None, non_lora=config["lte.non-lora"],
         reset=config["lte.reset"], weighted=config["lte.weighted"], asynchronous=config["lte.async"],
         staleness_exponent=config["lte.staleness-exponent"], max_staleness=config["lte.max-staleness"], async_mix=config["lte.async-mix"],
+        full_rank=config["lte.full-rank"],
         spec=models.ScratchSpec(hidden=config["scratch.hidden"], layers=config["scratch.layers"], heads=config["scratch.heads"], patch_size=config["scratch.patch-size"]),
     )
 
@@ -80,7 +88,8 @@ def lte_options(config: dict) -> LTEOptions:
 
 def build_model(config: dict, head_seed: int) -> nn.Module:
     """The run's model (seeded by ``seed``, so every process builds the same ``W``) with LTE heads
-    seeded by ``head_seed`` (a distinct subspace per client)."""
+    seeded by ``head_seed`` (a distinct subspace per client); with ``lte.full-rank`` no heads and
+    every parameter a replica (trained, averaged at merge)."""
     opts = lte_options(config)
     spec = opts.spec
     if config["task"] == "image-classification":
@@ -90,7 +99,20 @@ def build_model(config: dict, head_seed: int) -> nn.Module:
         spec = dataclasses.replace(spec, vocab_size=len(runtime.tokenizer(config)), max_len=config["data.max-length"])
     torch.manual_seed(config["seed"])
     model = models.load_model(config["model"], config["task"], num_labels=runtime.num_labels(config), spec=spec)
+    if opts.full_rank:
+        return attach_heads(model, targets=(), non_lora="replicated")
     return attach_heads(model, r=opts.r, alpha=opts.alpha, seed=head_seed, targets=opts.targets, non_lora=opts.non_lora)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(frozen_items: tuple) -> nn.Module:
+    return build_model(dict(frozen_items), head_seed=0)
+
+
+def cached_model(config: dict) -> nn.Module:
+    """One model per process and run config (``server-round`` aside): each message loads a client's
+    whole state into it (:func:`sync_model`), so it is built once, not per message."""
+    return _cached_model(tuple(sorted((k, v) for k, v in config.items() if k != "server-round")))
 
 
 def frozen_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -184,11 +206,14 @@ def head_seed(config: dict, partition_id: int, version: int = 0) -> int:
     return config["seed"] * 1_000_003 + partition_id * 10_007 + version
 
 
-def sync_model(content: RecordDict, context: Context, model: nn.Module) -> tuple[int, int]:
-    """Bring the client's ``W`` to the server's version; returns ``(version, rounds trained)``."""
+def sync_model(content: RecordDict, context: Context, model: nn.Module, seed: int) -> tuple[int, int]:
+    """Load the client's state into ``model`` (first contact: fresh heads seeded by ``seed``) and bring
+    its ``W`` to the server's version; returns ``(version, rounds trained)``."""
     sync = content.config_records["lte"]
     version, base = int(sync["version"]), int(sync["base"])
     held = restore_model(context.state, model)
+    if held is None:
+        reset_heads(model, seed)  # what attach_heads(seed=seed) draws: the same layers in the same order
     if base < 0:
         unexpected = model.load_state_dict(content.array_records["frozen"].to_torch_state_dict(), strict=False).unexpected_keys
         if unexpected:
@@ -202,14 +227,38 @@ def sync_model(content: RecordDict, context: Context, model: nn.Module) -> tuple
     return version, 0 if held is None else held[1]
 
 
+def slowdowns(config: dict) -> dict[int, float]:
+    """``lte.slowdown`` (``"partition:factor,..."``) as a map; one-line ValueError if malformed."""
+    factors = {}
+    for item in names(config, "lte.slowdown"):
+        pid, _, text = item.partition(":")
+        try:
+            partition, factor = int(pid), float(text)
+        except ValueError:
+            partition, factor = -1, float("nan")
+        if not factor >= 1.0:
+            raise ValueError(f"lte.slowdown expects 'partition:factor' items with factor >= 1, got {item!r}")
+        factors[partition] = factor
+    return factors
+
+
+def slowdown(config: dict, node: runtime.NodeOptions) -> float:
+    """The client's straggler factor: its node config's ``slowdown``, else its entry in ``lte.slowdown``
+    (for simulations, where nodes have no node config of their own)."""
+    return node.slowdown if node.slowdown != 1.0 else slowdowns(config).get(node.partition_id, 1.0)
+
+
 def lte_train(msg: Message, context: Context, config: dict) -> Message:
     """One LTE round on a client: sync ``W``, train the head ``local-steps`` steps on the partition,
-    reply with the delta's factors and the round's costs. A node's ``slowdown`` > 1 sleeps
-    ``(slowdown - 1)`` x the compute time, simulating a straggler."""
+    reply with the delta's factors and the round's costs. A straggler (:func:`slowdown` > 1) sleeps
+    ``(slowdown - 1)`` x its compute time, so its wall time (measured, in ``wall-time-s``) is
+    ``slowdown`` x that of its computation."""
+    t0 = time.perf_counter()
     opts = lte_options(config)
     node = runtime.node_options(context)
-    model = build_model(config, head_seed(config, node.partition_id))
-    version, rounds = sync_model(msg.content, context, model)
+    factor = slowdown(config, node)
+    model = cached_model(config)
+    version, rounds = sync_model(msg.content, context, model, head_seed(config, node.partition_id))
     optimizer = train.make_optimizer(config["optimizer"], head_parameters(model), config["lr"], config["weight-decay"])
     if STATE_OPTIMIZER in context.state:
         train.load_optimizer_record(optimizer, context.state[STATE_OPTIMIZER])
@@ -218,11 +267,11 @@ def lte_train(msg: Message, context: Context, config: dict) -> Message:
     part = runtime.client_split(config, node.partition_id, node.num_partitions)
     batches = train.cycle(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, rounds, node.partition_id)))
     stats = train.train_steps(model, batches, config["local-steps"], optimizer)
-    time.sleep((node.slowdown - 1.0) * stats.wall_time_s)
     save_state(context.state, model, optimizer, version, rounds + 1)
+    time.sleep((factor - 1.0) * (time.perf_counter() - t0))
     metrics = MetricRecord({
         "num-examples": len(part), "train-loss": float(stats.loss), "flops": int(stats.flops),
-        "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": float(stats.wall_time_s * node.slowdown),
+        "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0,
         "partition-id": node.partition_id, "base-version": version,
     })
     return Message(RecordDict({"arrays": delta_record(head_delta(model)), "metrics": metrics}), reply_to=msg)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import concatenate_datasets
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
@@ -20,6 +21,7 @@ from fedcola import checkpoint, cola_fl, fedavg_lora, lte_client, report, runtim
 from fedcola.cola import ColaServer
 from fedcola.ledger import Ledger
 from fedcola.ledger import load as load_ledger
+from fedcola.lte import head_parameters
 from strategies.cola import ColA
 from strategies.fedavg_lora import FedAvgLoRA
 from strategies.lte import make_strategy as make_lte_strategy
@@ -88,13 +90,16 @@ def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: ch
 
 
 def run_lte(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: checkpoint.Checkpoint | None) -> None:
-    """LTE: the fp32 master W, merged from the clients' low-rank deltas; evaluated on the server."""
+    """LTE (or, with ``lte.full-rank``, FedAvg of full-rank weights): the fp32 master W, merged from the
+    clients' deltas; evaluated on the server. The summary's ``train_wall_time_s`` is the strategy's run."""
     strategy, weights = make_lte_strategy(config, ledger)
     evaluate = lte_client.make_evaluator(config)
+    t0 = time.perf_counter()
     result = strategy.start(
         grid=grid, initial_arrays=weights, num_rounds=config["rounds"], train_config=ConfigRecord(dict(config)),
         evaluate_fn=lambda server_round, arrays: _record_eval(ledger, server_round, evaluate(arrays)),
     )
+    ledger.data["summary"]["train_wall_time_s"] = time.perf_counter() - t0
     save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
 
 
@@ -105,6 +110,37 @@ def resumed_config(run_dir: str | Path, rounds: int | None = None) -> dict:
         raise ValueError(f"resuming a {saved['method']} run is not supported yet (resumable: {', '.join(RESUMABLE)})")
     checkpoint.load(run_dir, tensors=False)  # fail here, in one line, when there is nothing to resume
     return cfg.build({**saved["config"], "resume-dir": str(run_dir), **({"rounds": rounds} if rounds is not None else {})})
+
+
+def run_centralized(config: dict, run_dir: Path) -> Ledger:
+    """The centralized reference of LTE's benchmark, on the same harness: the full-rank model with the
+    same initial weights, one process, the union of the clients' training splits, the same batch size,
+    optimizer and learning rate; a "round" is ``num-clients x local-steps`` steps (the samples of one
+    federated round), then the same server-side evaluation. Ledger ``method`` = ``"centralized"``;
+    the final weights go to ``final.safetensors`` under the full-rank baseline's keys."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config["client.num-cpus"])  # the compute of one client
+    config = config | {"lte.full-rank": True}
+    ledger = Ledger(run_dir / "ledger.json", "centralized", config)
+    n = config["num-clients"]
+    model = lte_client.build_model(config, head_seed=0)
+    data = concatenate_datasets([runtime.client_split(config, p, n) for p in range(n)])
+    batches = train.cycle(runtime.loader(config, data, shuffle=True, seed=runtime.round_seed(config, 0, 0)))
+    optimizer = train.make_optimizer(config["optimizer"], head_parameters(model), config["lr"], config["weight-decay"])
+    loader = runtime.validation_loader(config)
+    _record_eval(ledger, 0, train.evaluate(model, loader, config["task"]))
+    t0 = time.perf_counter()
+    for rnd in range(1, config["rounds"] + 1):
+        ledger.begin_round(rnd)
+        stats = train.train_steps(model, batches, n * config["local-steps"], optimizer)
+        ledger.client(rnd, {"node_id": 0, "partition_id": -1, "num_examples": len(data), "loss": stats.loss, "bytes_up": 0, "bytes_down": 0,
+                            "flops": stats.flops, "peak_memory_bytes": train.peak_memory_bytes(), "wall_time_s": stats.wall_time_s})
+        _record_eval(ledger, rnd, train.evaluate(model, loader, config["task"]))
+    ledger.data["summary"]["train_wall_time_s"] = time.perf_counter() - t0
+    save_file({k: p.detach().contiguous() for k, p in model.named_parameters()}, str(run_dir / "final.safetensors"))
+    last = ledger.rounds[-1]["server"]
+    ledger.finish("completed", **{k: last[k] for k in ("loss", train.metric_name(config["task"])) if k in last})
+    return ledger
 
 
 def run_server(grid: Grid, config: dict, run_dir: Path) -> Ledger:

@@ -31,8 +31,8 @@ from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info, samp
 from torch import Tensor
 
 from fedcola.ledger import Ledger
-from fedcola.lte import Delta, InvalidDeltaError, merge, merge_async, staleness_weight, validate_delta
-from fedcola.lte_client import delta_record, initial_arrays, lte_options, record_delta
+from fedcola.lte import Delta, InvalidDeltaError, delta_nbytes, merge, merge_async, staleness_weight, validate_delta
+from fedcola.lte_client import delta_record, initial_arrays, lte_options, record_delta, slowdowns
 from fedcola.wire import nbytes
 from strategies.screening import screen, skip
 
@@ -67,8 +67,9 @@ class LTE(Strategy):
         self.message_type = message_type
         self.W: dict[str, Tensor] = {}
         self.version = 0
-        self.history: dict[int, dict[str, Delta]] = {}  # version v -> merged update from v - 1 to v
+        self.history: dict[int, tuple[ArrayRecord | None, int]] = {}  # version v -> (merged update v-1 -> v, its bytes)
         self.history_size = 1
+        self._full: tuple[int, ArrayRecord] | None = None  # (version, W as a record), built once per version
         self.sent: dict[int, tuple[int, int]] = {}  # node -> (version its W holds, bytes sent)
         self._round_nodes: list[int] = []
 
@@ -78,18 +79,26 @@ class LTE(Strategy):
         if not self.W:
             self.W = {k: v.float() for k, v in arrays.to_torch_state_dict().items()}
 
-    def _payload(self, node: int) -> RecordDict:
-        """The merged updates the node lacks, or the full ``W`` + frozen parameters if that is smaller or
-        the node's version is unknown or older than the kept history."""
-        full = RecordDict({"weights": ArrayRecord(self.W), "frozen": self.frozen,
+    def _full_nbytes(self) -> int:
+        return delta_nbytes(self.W) + nbytes(self.frozen)
+
+    def _full_payload(self) -> RecordDict:
+        if self._full is None or self._full[0] != self.version:
+            self._full = (self.version, ArrayRecord(self.W))
+        return RecordDict({"weights": self._full[1], "frozen": self.frozen,
                            "lte": ConfigRecord({"version": self.version, "base": -1})})
+
+    def _payload(self, node: int) -> RecordDict:
+        """The merged updates the node lacks, or the full ``W`` + frozen parameters if those are not
+        larger (tensor bytes from shapes) or the node's version is unknown or older than the
+        kept history. Each record is serialised once, whatever the number of nodes it goes to."""
         base = self.sent.get(node, (None, 0))[0]
         missing = range(base + 1, self.version + 1) if base is not None else None
         if missing is None or any(v not in self.history for v in missing):
-            return full
-        updates = {f"update.{v}": delta_record(self.history[v]) for v in missing}
-        if sum(map(nbytes, updates.values())) >= sum(map(nbytes, full.array_records.values())):
-            return full
+            return self._full_payload()
+        if sum(self.history[v][1] for v in missing) >= self._full_nbytes():
+            return self._full_payload()
+        updates = {f"update.{v}": self.history[v][0] for v in missing}
         return RecordDict(updates | {"lte": ConfigRecord({"version": self.version, "base": base})})
 
     def _message(self, node: int, config: ConfigRecord, server_round: int) -> Message:
@@ -142,8 +151,10 @@ class LTE(Strategy):
         return kept
 
     def _advance(self, update: dict[str, Delta]) -> None:
+        """Keep the merged update as a record, unless it is too large to ever be sent (W goes instead)."""
         self.version += 1
-        self.history[self.version] = update
+        size = delta_nbytes(update)
+        self.history[self.version] = (delta_record(update) if size < self._full_nbytes() else None, size)
         self.history.pop(self.version - self.history_size, None)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -301,6 +312,7 @@ class LTEAsync(LTE):
 def make_strategy(config: dict, ledger: Ledger | None = None) -> tuple[LTE, ArrayRecord]:
     """The run's LTE strategy (``lte.async`` picks :class:`LTEAsync`) and its initial ``W``."""
     opts = lte_options(config)
+    slowdowns(config)  # a malformed lte.slowdown fails here, not in every client
     weights, frozen = initial_arrays(config)
     common = dict(r=opts.r, frozen_arrays=frozen, fraction_train=config["fraction-train"],
                   min_available_nodes=config["num-clients"], weighted=opts.weighted, ledger=ledger)

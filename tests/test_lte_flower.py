@@ -13,12 +13,15 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedcola import lte_client, train
+from safetensors.torch import load_file
+
+from fedcola import lte_client, runtime, server_app, train
 from fedcola.config import DEFAULTS
 from fedcola.ledger import Ledger
-from fedcola.lte import apply_merged_update, head_delta, head_parameters
+from fedcola.lte import LTELinear, apply_merged_update, dense, head_delta, head_parameters, reset_heads, use_factors
+from fedcola.lte_client import record_delta
 from fedcola.wire import nbytes
-from strategies.lte import LTE, make_strategy
+from strategies.lte import LTE, LTEAsync, make_strategy
 
 R = 4
 CONFIG = dict(DEFAULTS) | {
@@ -26,6 +29,7 @@ CONFIG = dict(DEFAULTS) | {
     "data.block-chars": 48, "local-steps": 12, "batch-size": 8, "lr": 3e-3, "eval.max-examples": 48,
     "lte.r": R, "lte.alpha": 8.0, "scratch.hidden": 32, "scratch.layers": 2, "scratch.heads": 4,
 }
+FAST = CONFIG | {"local-steps": 3}  # in-process runs: a few steps show every property
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
 
 
@@ -85,7 +89,7 @@ def test_client_w_tracks_server_w_exactly_and_bad_delta_is_skipped(tmp_path):
         ledger.end_round(rnd)
         assert [s["node_id"] for s in ledger.rounds[-1]["skipped"]] == [11] and "non-finite" in ledger.rounds[-1]["skipped"][0]["reason"]
     model = lte_client.build_model(CONFIG, head_seed=0)
-    lte_client.sync_model(strategy._payload(10), contexts[10], model)
+    lte_client.sync_model(strategy._payload(10), contexts[10], model, seed=0)
     assert all(torch.equal(model.get_submodule(k.rpartition(".")[0]).W, w) for k, w in strategy.W.items())
 
 
@@ -170,3 +174,150 @@ def test_lte_simulation_sync_then_async(tmp_path):
     assert [r["round"] for r in ledgers[1].rounds] == [0, 1, 2] and ledgers[1].rounds[1]["server"]["merges"]
     assert any("non-finite" in s["reason"] for r in ledgers[1].rounds for s in r["skipped"])
     assert result.evaluate_metrics_serverapp[2]["loss"] < evals[2]["loss"]
+
+
+# --- in-process runs: the strategy's messages handled by lte_client.lte_train, no Ray ----------------
+
+
+def _run(config: dict, rounds: int, n: int = 2, strategy: LTE | None = None) -> tuple[LTE, dict[int, Context], list[list[Message]]]:
+    """``rounds`` synchronous rounds of ``n`` clients; returns the strategy, the clients' contexts and
+    every round's replies."""
+    weights, frozen = lte_client.initial_arrays(config)
+    strategy = strategy or LTE(r=config["lte.r"], frozen_arrays=frozen)
+    strategy._init_weights(weights)
+    contexts = {10 + p: _context(p, n) for p in range(n)}
+    history = []
+    for rnd in range(1, rounds + 1):
+        replies = [lte_client.lte_train(strategy._message(node, ConfigRecord(config), rnd), ctx, config) for node, ctx in contexts.items()]
+        strategy.aggregate_train(rnd, replies)
+        history.append(replies)
+    return strategy, contexts, history
+
+
+def _flat(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return record.to_torch_state_dict()
+
+
+def test_run_is_reproducible_from_its_seed_and_the_cached_model_carries_nothing_over():
+    """Same seed, same W bit for bit: once with a freshly built client model, once with the process's
+    cached model left dirty by the first run (every client state is loaded into it per message)."""
+    lte_client._cached_model.cache_clear()
+    first, _, replies_a = _run(FAST, rounds=2)
+    assert lte_client.cached_model(FAST) is lte_client.cached_model(FAST | {"server-round": 7})
+    again, _, replies_b = _run(FAST, rounds=2)
+    other, _, _ = _run(FAST | {"seed": 1}, rounds=2)
+    assert first.W.keys() == again.W.keys() == other.W.keys()
+    assert all(torch.equal(first.W[k], again.W[k]) for k in first.W)
+    for ra, rb in zip(replies_a[-1], replies_b[-1], strict=True):
+        a, b = _flat(ra.content.array_records["arrays"]), _flat(rb.content.array_records["arrays"])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(torch.equal(first.W[k], other.W[k]) for k in first.W)
+    # first contact re-draws the heads of the cached model exactly as building it with the client's seed
+    cached, fresh = lte_client.cached_model(FAST), lte_client.build_model(FAST, head_seed=5)
+    reset_heads(cached, 5)
+    heads = lambda m: {n: t for n, t in m.state_dict().items() if n.endswith((".A", ".B", "A_snap", "B_snap"))}
+    assert heads(cached).keys() == heads(fresh).keys() and all(torch.equal(heads(cached)[n], t) for n, t in heads(fresh).items())
+
+
+def test_factors_travel_both_ways_never_a_dense_delta_when_factors_are_smaller():
+    config = FAST | {"scratch.hidden": 64}  # vocab ~65: lm_head 65 x 64 still smaller as rank-2r factors
+    strategy, contexts, history = _run(config, rounds=2)
+    shapes = {k: tuple(w.shape) for k, w in strategy.W.items()}
+    for rnd, rank in ((0, R), (1, 2 * R)):
+        for reply in history[rnd]:
+            arrays = _flat(reply.content.array_records["arrays"])
+            for key, (d_out, d_in) in shapes.items():
+                assert use_factors(rank, d_out, d_in), key
+                assert key not in arrays and arrays[key + "@U"].shape == (d_out, rank) and arrays[key + "@V"].shape == (rank, d_in)
+    down = strategy._payload(10)  # round 3's message to a client holding version 1: the merged update of round 2
+    assert set(down.array_records) == {"update.2"}
+    update = _flat(down.array_records["update.2"])
+    for key, (d_out, d_in) in shapes.items():  # the mean of 2 rank-2r deltas: rank 4r
+        assert key not in update and update[key + "@U"].shape == (d_out, 4 * R) and update[key + "@V"].shape == (4 * R, d_in)
+    # where factors are not smaller, the dense delta travels: rank 64 > 32 * 32 / 64
+    wide = FAST | {"lte.r": 64, "lte.alpha": 128.0}
+    _, _, history = _run(wide, rounds=1, n=1)
+    arrays = _flat(history[0][0].content.array_records["arrays"])
+    q = "model.layers.0.self_attn.q_proj.W"
+    assert q in arrays and arrays[q].shape == (32, 32) and q + "@U" not in arrays
+
+
+def _tamper(reply: Message, key: str, U: torch.Tensor, V: torch.Tensor) -> None:
+    arrays = reply.content.array_records["arrays"]
+    arrays[key + "@U"], arrays[key + "@V"] = Array(U.numpy()), Array(V.numpy())
+
+
+def test_bad_rank_shape_and_staleness_are_dropped_with_a_logged_reason(tmp_path, caplog):
+    weights, frozen = lte_client.initial_arrays(FAST)
+    ledger = Ledger(tmp_path / "ledger.json", "lte", FAST)
+    strategy, contexts, history = _run(FAST, 1, n=3, strategy=LTE(r=R, frozen_arrays=frozen, ledger=ledger))
+    key = "model.layers.0.mlp.down_proj.W"
+    d_out, d_in = strategy.W[key].shape
+    replies = [lte_client.lte_train(strategy._message(node, ConfigRecord(FAST), 2), ctx, FAST) for node, ctx in contexts.items()]
+    _tamper(replies[1], key, torch.zeros(d_out, 2 * R + 1), torch.zeros(2 * R + 1, d_in))  # rank above 2r
+    _tamper(replies[2], key, torch.zeros(d_out + 1, 2 * R), torch.zeros(2 * R, d_in))  # wrong shape
+    W_before = {k: v.clone() for k, v in strategy.W.items()}
+    good = record_delta(replies[0].content.array_records["arrays"])
+    strategy.aggregate_train(2, replies)
+    ledger.end_round(2)
+    skipped = {s["node_id"]: s["reason"] for s in ledger.rounds[-1]["skipped"]}
+    assert "rank 9 exceeds 8" in skipped[11] and "do not give" in skipped[12], skipped
+    assert [c["node_id"] for c in ledger.rounds[-1]["clients"]] == [10] and strategy.version == 2
+    assert all(torch.allclose(strategy.W[k], W_before[k] + dense(good[k]), rtol=0, atol=1e-6) for k in strategy.W)
+    assert "skipping reply from node 11" in caplog.text
+
+    # asynchronous: node 11 trains against version 2; nodes 10 and 12 merge twice before it arrives
+    async_ledger = Ledger(tmp_path / "async.json", "lte", FAST)
+    late = LTEAsync(r=R, frozen_arrays=frozen, max_staleness=1, mix=1 / 3, ledger=async_ledger)
+    late._init_weights(ArrayRecord(strategy.W))
+    late.sent = {node: (0, 0) for node in contexts}
+    late.version, late.history = 2, {}
+    messages = {node: late._message(node, ConfigRecord(FAST), 1) for node in contexts}
+    straggler = lte_client.lte_train(messages[11], contexts[11], FAST)
+    for node in (10, 12):
+        assert late._merge_reply(1, lte_client.lte_train(messages[node], contexts[node], FAST), 1 / 3)
+    W_before = {k: v.clone() for k, v in late.W.items()}
+    assert not late._merge_reply(1, straggler, 1 / 3)
+    assert all(torch.equal(late.W[k], W_before[k]) for k in late.W) and late.version == 4
+    reason = async_ledger._round["skipped"][-1]["reason"]
+    assert async_ledger._round["skipped"][-1]["node_id"] == 11 and "staleness 2 > max_staleness 1" in reason
+    # the run goes on: the straggler is re-dispatched with the updates it lacks and its next delta merges
+    retry = lte_client.lte_train(late._message(11, ConfigRecord(FAST), 1), contexts[11], FAST)
+    assert late._merge_reply(1, retry, 1 / 3) and late.merge_log[-1]["partition_id"] == 1 and late.merge_log[-1]["staleness"] == 0
+
+
+def test_fedavg_full_rank_is_the_mean_of_fully_trained_clients_and_one_client_is_centralized(tmp_path):
+    """``lte.full-rank``: every parameter is trained and travels dense; W = mean of the clients' weights.
+    One client, one round: exactly ``server_app.run_centralized`` (same init, data, batches, optimizer)."""
+    config = FAST | {"lte.full-rank": True}
+    W0 = {k: v.clone() for k, v in lte_client.initial_arrays(config)[0].to_torch_state_dict().items()}
+    strategy, contexts, history = _run(config, rounds=1)
+    assert set(strategy.W) == {name for name, _ in lte_client.build_model(config, 0).named_parameters()}
+    assert not any(isinstance(m, LTELinear) for m in lte_client.build_model(config, 0).modules())
+    clients = [{k: v for k, v in ctx.state[lte_client.STATE_MODEL].to_torch_state_dict().items() if k in strategy.W} for ctx in contexts.values()]
+    for key, w in strategy.W.items():
+        assert not torch.equal(w, W0[key]), key  # embeddings and norms train too
+        torch.testing.assert_close(w, (clients[0][key] + clients[1][key]) / 2, rtol=0, atol=1e-6)
+    for reply in history[0]:
+        assert _flat(reply.content.array_records["arrays"]).keys() == strategy.W.keys()  # dense, every parameter
+
+    one = config | {"num-clients": 1, "rounds": 1}
+    fedavg, _, _ = _run(one, rounds=1, n=1)
+    ledger = server_app.run_centralized(one | {"lte.full-rank": False}, tmp_path / "central")
+    central = load_file(tmp_path / "central" / "final.safetensors")
+    assert central.keys() == fedavg.W.keys()
+    for key in central:
+        torch.testing.assert_close(fedavg.W[key], central[key], rtol=0, atol=1e-6)
+    assert ledger.data["method"] == "centralized" and ledger.rounds[1]["server"]["loss"] < ledger.rounds[0]["server"]["loss"]
+
+
+def test_slowdown_from_node_config_or_run_config():
+    node = lambda pid, s=1.0: runtime.NodeOptions(pid, 4, s)
+    config = FAST | {"lte.slowdown": "3:4, 1:2.5"}
+    assert [lte_client.slowdown(config, node(p)) for p in range(4)] == [1.0, 2.5, 1.0, 4.0]
+    assert lte_client.slowdown(config, node(0, 3.0)) == 3.0  # the node's own config wins
+    for bad in ("3", "x:2", "1:0.5", "1:nan", "1:2,2:0", "1:2,x:3", "1:2,2:nan"):
+        with pytest.raises(ValueError, match="lte.slowdown"):
+            lte_client.slowdown(FAST | {"lte.slowdown": bad}, node(0))
+        with pytest.raises(ValueError, match="lte.slowdown"):
+            make_strategy(FAST | {"lte.slowdown": bad})  # the server refuses it before any client runs
