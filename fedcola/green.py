@@ -9,16 +9,22 @@ profiled backward cost (Sec. 4.1). Selection is redone every few epochs (`GreenS
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-from fedcola.flops import FlopsProfile, apply_selection
+from fedcola.flops import FlopsProfile, apply_selection, profile_tensors
 
-__all__ = ["GreenSelector", "apply_selection", "dp_select", "fresh_optimizer", "select", "smallest_feasible_rho",
-           "tensor_importance"]
+__all__ = ["BudgetSelection", "GreenSelector", "apply_selection", "counted", "dp_select", "fresh_optimizer", "select",
+           "select_under_budget", "smallest_feasible_rho", "tensor_importance"]
 
 DEFAULT_UNITS = 20_000  # T_bp(all) / T_q when no resolution is given; rounding wastes < N units
 MAX_TABLE = 1 << 30  # bytes of the DP's back-pointer table
@@ -193,3 +199,52 @@ class GreenSelector:
             self.mask = select(self.profile, self.importance, self.rho, self.resolution)
             apply_selection(model, set(self.selected))
         return self.selected
+
+
+def counted(fn: Callable[[], Any]) -> tuple[Any, int, float]:
+    """Run `fn` under FlopCounterMode with math attention (whose matmuls it counts); return
+    (result, FLOPs, seconds)."""
+    t0 = time.perf_counter()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        result = fn()
+    return result, counter.get_total_flops(), time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class BudgetSelection:
+    """One client's selection under its budget: the trained tensors, the profile's achieved rho
+    (T_fp + T_bp(m)) / (T_fp + T_bp(all)), and the measured cost of profiling + importance."""
+
+    names: tuple[str, ...]
+    achieved_rho: float
+    flops: int
+    wall_time_s: float
+
+
+def select_under_budget(model: nn.Module, batches: Sequence[Mapping[str, Any]], optimizer: torch.optim.Optimizer,
+                        rho: float) -> BudgetSelection:
+    """GreenTrainer for one edge client with budget rho_k (Sec. 4 on the client's own data): profile
+    the model's trainable tensors on `batches[0]` (Sec. 4.1), importance from the mean gradient over
+    `batches` (Sec. 4.2; `optimizer` is not stepped), the DP under rho (Sec. 4.3), and the selection
+    applied to `model` (requires_grad False for every other tensor, so autograd skips their work).
+
+    The caller then trains with its usual loop and restores its candidates' flags afterwards with
+    `apply_selection(model, candidates)`. Used by FedAvg-LoRA clients (`fedcola.fedavg_lora`); any
+    client that trains the requires_grad tensors of a model whose modules `fedcola.flops` knows can
+    call it the same way (an unknown module type is a ValueError naming it). Raises ValueError for
+    rho outside (0, 1], below the smallest feasible rho, or when no tensor has positive importance.
+    """
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+
+    def solve() -> tuple[FlopsProfile, np.ndarray]:
+        profile = profile_tensors(model, batches[0])
+        importance = tensor_importance(model, profile.names, [lambda b=b: model(**b).loss for b in batches], optimizer)
+        return profile, select(profile, importance, rho)
+
+    (profile, mask), flops, seconds = counted(solve)
+    if not mask.any():
+        raise ValueError(f"no tensor selected at rho={rho:g}: every importance is <= 0 (is the learning rate 0?)")
+    names = profile.selected_names(mask)
+    apply_selection(model, set(names))
+    return BudgetSelection(names, profile.rho_of(mask), flops, seconds)

@@ -23,19 +23,22 @@ the per-tensor costs at max length bound every real step. What a step really cos
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
+from fedcola import runtime, train
 from fedcola.flops import FlopsProfile, profile_tensors
-from fedcola.green import GreenSelector
+from fedcola.green import GreenSelector, counted
+from fedcola.ledger import atomic_write_text
 from fedcola.train import StepStats, train_steps
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -95,12 +98,11 @@ class GreenStats:
         }
 
 
-def _counted(fn: Callable[[], Any]) -> tuple[Any, int, float]:
-    """Run `fn` under FlopCounterMode with math attention; return (result, FLOPs, seconds)."""
-    t0 = time.perf_counter()
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        result = fn()
-    return result, counter.get_total_flops(), time.perf_counter() - t0
+def warmup_linear_decay(steps: int, warmup: float = 0.06) -> Callable[[int], float]:
+    """LambdaLR factor: linear warm-up over the first `warmup` fraction of `steps`, then linear decay
+    towards 0; positive at every step (importance takes an optimizer step at the current lr)."""
+    ramp = max(1, round(warmup * steps))
+    return lambda s: min((s + 1) / ramp, (steps - s) / max(1, steps - ramp))
 
 
 def train_green(model: nn.Module, train_batches: Iterator[dict[str, Tensor]], steps: int,
@@ -162,7 +164,7 @@ def green_steps(model: nn.Module, train_batches: Iterator[dict[str, Tensor]], st
                 while len(ahead) < importance_batches - 1:
                     ahead.append(next(train_batches))
                 closures = [lambda b=b: model(**b).loss for b in [batch, *ahead][:importance_batches]]
-                names, flops, seconds = _counted(lambda: selector.update(step, model, closures, optimizer))
+                names, flops, seconds = counted(lambda: selector.update(step, model, closures, optimizer))
                 if not names:
                     raise ValueError(f"step {step}: no tensor selected at rho={rho:g}: every importance is <= 0 "
                                      "(is the learning rate 0 at this step?)")
@@ -177,3 +179,28 @@ def green_steps(model: nn.Module, train_batches: Iterator[dict[str, Tensor]], st
         for n in candidates:
             params[n].requires_grad_(True)
     return stats
+
+
+def run_config(config: dict, run_dir: Path, on_step: Callable[[int, StepStats], None] | None = None) -> dict[str, Any]:
+    """`fedcola green CONFIG`: fine-tune the run's model centrally on its whole training split at
+    FLOPs ratio `green.rho` (`green.steps` steps of `batch-size`, `optimizer` at peak `lr` with
+    `warmup_linear_decay`, re-selection every `green.reselect-every` steps on
+    `green.importance-batches` batches), evaluate the task metric on the validation split before and
+    after, and write everything to `run_dir/green.json` (atomically). Returns that record."""
+    model = runtime.base_model(config)
+    loader = runtime.loader(config, runtime.dataset_splits(config)["train"], shuffle=True, seed=config["seed"])
+    validation = runtime.validation_loader(config)
+    before = train.evaluate(model, validation, config["task"])
+    steps = config["green.steps"]
+    t0 = time.perf_counter()
+    stats = train_green(
+        model, train.cycle(loader), steps,
+        lambda params: train.make_optimizer(config["optimizer"], params, config["lr"], config["weight-decay"]),
+        rho=config["green.rho"], reselect_every=config["green.reselect-every"], lr_lambda=warmup_linear_decay(steps),
+        importance_batches=config["green.importance-batches"], on_step=on_step)
+    wall = time.perf_counter() - t0
+    record = {"method": "green", "config": dict(config), "metric": train.metric_name(config["task"]),
+              "validation_before": before, "validation": train.evaluate(model, validation, config["task"]),
+              "loop_wall_time_s": wall, "peak_memory_bytes": train.peak_memory_bytes(), **stats.to_dict()}
+    atomic_write_text(Path(run_dir) / "green.json", json.dumps(record, indent=1))
+    return record

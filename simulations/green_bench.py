@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedcola.ledger import atomic_write_text
 
 SEED, BATCH, MAX_LENGTH, WARMUP = 0, 16, 64, 0.06
 TARGETS = {"flops": 0.52, "accuracy_points": 1.0, "wall": 0.7}  # the paper's claim at rho = 0.5
@@ -45,19 +46,13 @@ ARMS = (Arm("full-ft", 1.0, 5e-5), Arm("gt-0.7", 0.7, 5e-5), Arm("gt-0.5", 0.5, 
 FULL = ARMS[0].name
 
 
-def lr_lambda(steps: int):
-    """Linear warm-up then linear decay to 0; positive at every step (importance needs a real step)."""
-    warmup = max(1, round(WARMUP * steps))
-    return lambda s: min((s + 1) / warmup, (steps - s) / max(1, steps - warmup))
-
-
 def _arm_runs(arm: Arm, steps: int, reselect_every: int, splits, tok):
     """One arm's model and its `green_steps` generator (same seed, same batches as every arm)."""
     import torch
 
     from fedcola import models, train
     from fedcola.fedavg_lora import lora_config
-    from fedcola.green_trainer import green_steps
+    from fedcola.green_trainer import green_steps, warmup_linear_decay
 
     torch.manual_seed(SEED)
     model = models.load_model("minilm", "classification", num_labels=2)
@@ -74,7 +69,7 @@ def _arm_runs(arm: Arm, steps: int, reselect_every: int, splits, tok):
     run = green_steps(model, train.cycle(loader), steps,
                       lambda params: train.make_optimizer("adamw", params, arm.lr, weight_decay=0.01),
                       rho=arm.rho, reselect_every=reselect_every, profile_batch=profile_batch,
-                      lr_lambda=lr_lambda(steps))
+                      lr_lambda=warmup_linear_decay(steps, WARMUP))
     return model, run
 
 
@@ -266,9 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         results = run_all(steps, reselect_every)
     rows = summarise(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "results.json.tmp"
-    tmp.write_text(json.dumps({"summary": rows, "targets_rho_0.5": TARGETS, "runs": results}, indent=1))
-    os.replace(tmp, args.out / "results.json")
+    atomic_write_text(args.out / "results.json",
+                      json.dumps({"summary": rows, "targets_rho_0.5": TARGETS, "runs": results}, indent=1))
     write_readme(rows, steps, reselect_every, args.out / "README.md")
     plot(rows, args.out / "accuracy_vs_flops.png")
     print(f"wrote {args.out}/results.json, README.md, accuracy_vs_flops.png")
