@@ -112,3 +112,24 @@ def test_budget_too_small_for_any_lora_tensor(global_state):
         fedavg_lora.client_train(CONFIG, global_state, 0, 4, 1, rho=0.05)
     model = fedavg_lora.cached_model(CONFIG)
     assert np.all([p.requires_grad for n, p in model.named_parameters() if n in global_state])
+
+
+def test_client_app_reply_carries_budget_and_trained_names(global_state, tmp_path):
+    """The ClientApp's `train` handler under node config green-rho, and the strategy aggregating it."""
+    from fedcola.client_app import train_handler
+
+    content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord(CONFIG | {"server-round": 1})})
+    msg = Message(content, dst_node_id=1, message_type="train")
+    reply = train_handler(msg, _context({"partition-id": 1, "num-partitions": 4, "green-rho": 0.7}))
+    metrics = reply.content.metric_records["metrics"]
+    names = list(reply.content.config_records[fedavg_lora.TRAINED]["names"])
+    assert metrics["green-rho"] == 0.7 and metrics["flops"] > 0 and 0 < len(names) < len(global_state)
+
+    strategy = FedAvgLoRA(ledger=Ledger(tmp_path / "l.json", "fedavg_lora", {}))
+    strategy._sent = ArrayRecord(global_state)
+    strategy.ledger.begin_round(1)
+    arrays, _ = strategy.aggregate_train(1, [reply])
+    out = arrays.to_torch_state_dict()
+    for name, before in global_state.items():  # one client: its trained tensors, the others unchanged
+        assert torch.equal(out[name], before) == (name not in names), name
+    assert strategy.ledger._round["clients"][0]["flops"] == metrics["flops"]
