@@ -2,6 +2,7 @@
 
     fedcola run simulations/fedavg_lora_minilm.toml --set rounds=5 --set lr=1e-3
     fedcola run --resume runs/<run> [--set rounds=8]
+    fedcola green simulations/green_minilm_rt.toml --set green.rho=0.7
     fedcola keys
     fedcola show runs/<run>
     fedcola export runs/<run>
@@ -113,6 +114,36 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result["status"] == "completed" else 1
 
 
+def green(args: argparse.Namespace) -> int:
+    """Centralized GreenTrainer (fedcola.green_trainer.run_config) with a progress bar and a summary."""
+    config = cfg.load(args.config, args.set or [])
+    preflight(config)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from fedcola import green_trainer, server_app
+
+    run_dir = Path(args.run_dir) if args.run_dir else server_app.new_run_dir(config | {"method": "green"})
+    with Progress(TextColumn("[bold]green rho={task.fields[rho]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[status]}")) as progress:
+        task = progress.add_task("steps", total=config["green.steps"], rho=config["green.rho"], status="evaluating, profiling")
+        result = green_trainer.run_config(config, run_dir, on_step=lambda i, s: progress.update(
+            task, completed=i + 1, status=f"loss {s.loss:.4f}"))
+    metric = result["metric"]
+    table = Table(title=f"GreenTrainer: {config['model']} on {config['dataset']}")
+    for column in ("rho", "achieved rho", "tensors trained", "measured FLOPs", "wall time (s)", f"val {metric} before", f"val {metric} after"):
+        table.add_column(column, justify="right")
+    chosen = [len(s["names"]) for s in result["selections"]]
+    table.add_row(f"{result['rho']:g}", ", ".join(f"{s['achieved_rho']:.3f}" for s in result["selections"]),
+                  f"{min(chosen)}-{max(chosen)} of {result['num_candidates']}", f"{result['total_flops']:.3e}",
+                  f"{result['loop_wall_time_s']:.1f}", f"{result['validation_before'][metric]:.4f}", f"{result['validation'][metric]:.4f}")
+    Console().print(table)
+    print(f"results: {run_dir / 'green.json'}")
+    return 0
+
+
 def keys(_: argparse.Namespace) -> int:
     width = max(map(len, cfg.DEFAULTS))
     for key, value in cfg.DEFAULTS.items():
@@ -147,6 +178,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="where the ledger, plot and weights go (default: <out-dir>/<method>-<model>-<dataset>-<time>)")
     r.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     r.set_defaults(func=run)
+    g = sub.add_parser("green", help="centralized GreenTrainer fine-tuning under a FLOPs budget green.rho")
+    g.add_argument("config", help="a TOML file, e.g. simulations/green_minilm_rt.toml")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable); values in TOML syntax")
+    g.add_argument("--run-dir", help="where green.json goes (default: <out-dir>/green-<model>-<dataset>-<time>)")
+    g.set_defaults(func=green)
     k = sub.add_parser("keys", help="list every config key with its type and default")
     k.set_defaults(func=keys)
     s = sub.add_parser("show", help="print the summary table of a finished run")

@@ -7,7 +7,7 @@ its own ``node_config`` (which partition or which local data it holds).
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcola import config as cfg
@@ -32,14 +32,18 @@ def partition_of(context: Context) -> tuple[int, int]:
 def train_handler(msg: Message, context: Context) -> Message:
     config = message_config(msg)
     torch.set_num_threads(config["client.num-cpus"])
-    pid, n = partition_of(context)
+    node = runtime.node_options(context)
     state = msg.content.array_records["arrays"].to_torch_state_dict()
-    new_state, stats, num_examples = fedavg_lora.client_train(config, state, pid, n, config["server-round"])
+    new_state, stats, num_examples, selection = fedavg_lora.client_train(
+        config, state, node.partition_id, node.num_partitions, config["server-round"], rho=node.green_rho)
     metrics = MetricRecord({
         "num-examples": num_examples, "train-loss": float(stats.loss), "flops": int(stats.flops),
-        "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": float(stats.wall_time_s), "partition-id": pid,
+        "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": float(stats.wall_time_s),
+        "partition-id": node.partition_id, "green-rho": node.green_rho,
     })
-    return Message(RecordDict({"arrays": ArrayRecord(new_state), "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": metrics,
+                          fedavg_lora.TRAINED: ConfigRecord({"names": list(new_state if selection is None else selection.names)})})
+    return Message(content, reply_to=msg)
 
 
 @app.query("cola")

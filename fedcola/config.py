@@ -66,6 +66,10 @@ DEFAULTS: dict[str, Scalar] = {
     "eval.client-max-examples": 64,
     "eval.batch-size": 64,
     "client.num-cpus": 1,
+    "green.rho": 0.5,
+    "green.steps": 100,
+    "green.reselect-every": 50,
+    "green.importance-batches": 1,
     "out-dir": "runs",
     "resume-dir": "",  # a run directory to continue after its last checkpointed round (its own config is used)
 }
@@ -132,11 +136,13 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}")
-    for key in ("num-clients", "rounds", "local-steps", "batch-size", "lora.r", "cola.interval"):
+    for key in ("num-clients", "rounds", "local-steps", "batch-size", "lora.r", "cola.interval", "green.steps",
+                "green.reselect-every", "green.importance-batches"):
         if config[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
-    if not 0.0 < config["fraction-train"] <= 1.0:
-        raise ConfigError(f"config key 'fraction-train' must be in (0, 1], got {config['fraction-train']}")
+    for key in ("fraction-train", "green.rho"):
+        if not 0.0 < config[key] <= 1.0:
+            raise ConfigError(f"config key '{key}' must be in (0, 1], got {config[key]}")
     return config
 
 

@@ -4,11 +4,17 @@ Every client wraps the same frozen base model with peft LoRA (``lora.r``, ``lora
 ``lora.targets`` modules; a classifier head is trained in full), trains ``local-steps`` steps on
 its partition, and returns its trainable tensors; the server averages them weighted by examples
 (McMahan et al. 2017), which is Flower's FedAvg.
+
+A client with a FLOPs budget rho_k < 1 (node config ``green-rho``) trains only the tensors that
+GreenTrainer selects for it (`fedcola.green.select_under_budget`, re-selected every round on its
+first local batch) and reports which ones it trained; the server averages each tensor over the
+clients that trained it (`strategies.FedAvgLoRA`).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -16,6 +22,7 @@ from torch import nn
 
 from fedcola import runtime, train
 from fedcola.config import names
+from fedcola.green import apply_selection, select_under_budget
 
 
 def lora_config(config: dict) -> LoraConfig:
@@ -40,6 +47,8 @@ def _cached_model(frozen_items: tuple) -> nn.Module:
     return build_model(dict(frozen_items))
 
 
+TRAINED = "trained"  # reply ConfigRecord: {"names": the tensors this client trained this round}
+
 MODEL_KEYS = ("model", "task", "dataset", "seed", "data.block-chars", "data.text-column", "data.label-column", "lora.r", "lora.alpha", "lora.targets")
 
 
@@ -59,14 +68,35 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def client_train(config: dict, state: dict[str, torch.Tensor], partition_id: int, num_partitions: int, server_round: int):
-    """One round of local LoRA training from the global state; returns the new state and its cost."""
+def client_train(config: dict, state: dict[str, torch.Tensor], partition_id: int, num_partitions: int, server_round: int,
+                 rho: float = 1.0):
+    """One round of local LoRA training from the global state at FLOPs ratio `rho`.
+
+    Returns (new state of every trainable tensor, train.StepStats, examples, the
+    `green.BudgetSelection` or None at rho = 1). At rho < 1 the stats' FLOPs and wall time include
+    the selection's own (one profiling forward, one forward + backward for importance: about 1.3
+    steps' worth, paid once per round), and the tensors not selected come back exactly as received.
+    rho is relative to training every LoRA tensor, whose backward already runs through the whole
+    model, so with LoRA the smallest feasible rho is about 0.5 (the forward's share)."""
     model = cached_model(config)
     load_trainable(model, state)
     part = runtime.client_split(config, partition_id, num_partitions)
     seed = runtime.round_seed(config, server_round, partition_id)
     torch.manual_seed(seed)  # dropout: a round's result depends on (seed, round, client) only, so a resumed run repeats it
     batches = train.cycle(runtime.loader(config, part, shuffle=True, seed=seed))
-    optimizer = train.make_optimizer(config["optimizer"], [p for p in model.parameters() if p.requires_grad], config["lr"], config["weight-decay"])
-    stats = train.train_steps(model, batches, config["local-steps"], optimizer)
-    return trainable_state(model), stats, len(part)
+    candidates = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    optimizer = train.make_optimizer(config["optimizer"], [params[n] for n in candidates], config["lr"], config["weight-decay"])
+    selection = None
+    try:
+        if rho < 1.0:
+            first = next(batches)
+            selection = select_under_budget(model, [first], optimizer, rho)
+            batches = itertools.chain([first], batches)
+        stats = train.train_steps(model, batches, config["local-steps"], optimizer)
+    finally:
+        apply_selection(model, set(candidates))  # the cached model serves the next round / client
+    if selection is not None:
+        stats.flops += selection.flops
+        stats.wall_time_s += selection.wall_time_s
+    return trainable_state(model), stats, len(part), selection

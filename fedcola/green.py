@@ -9,36 +9,62 @@ profiled backward cost (Sec. 4.1). Selection is redone every few epochs (`GreenS
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-from fedcola.flops import FlopsProfile, apply_selection
+from fedcola.flops import FlopsProfile, apply_selection, profile_tensors
 
-__all__ = ["GreenSelector", "apply_selection", "dp_select", "select", "smallest_feasible_rho", "tensor_importance"]
+__all__ = ["BudgetSelection", "GreenSelector", "apply_selection", "counted", "dp_select", "fresh_optimizer", "select",
+           "select_under_budget", "smallest_feasible_rho", "tensor_importance"]
 
 DEFAULT_UNITS = 20_000  # T_bp(all) / T_q when no resolution is given; rounding wastes < N units
 MAX_TABLE = 1 << 30  # bytes of the DP's back-pointer table
 
 
-def tensor_importance(model: nn.Module, names: Sequence[str], closure: Callable[[], Tensor],
+def fresh_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    """An optimizer of `optimizer`'s type and per-group hyper-parameters (current lr included) over
+    `params` only, with empty state: its first step is the step a tensor takes when it starts training."""
+    ids = {id(p) for p in params}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [p for p in g["params"] if id(p) in ids]}
+              for g in optimizer.param_groups]
+    return type(optimizer)([g for g in groups if g["params"]])
+
+
+def tensor_importance(model: nn.Module, names: Sequence[str], closures: Sequence[Callable[[], Tensor]],
                       optimizer: torch.optim.Optimizer) -> np.ndarray:
     """I_k = -sum_i g_i dw_i over tensor k's entries (Sec. 4.2): the first-order Taylor estimate of
-    the loss reduction from training tensor k, with dw the update of ONE real optimizer step.
+    the training loss reduction from training tensor k, with dw the update of ONE optimizer step.
 
-    `closure()` runs a forward on a batch and returns the loss. All `names` are trained for this
-    one step, g is taken at the current weights w0, then the step is taken and w1 - w0 read. g is
-    taken at w0, where the Taylor expansion is centred. The reference instead runs a second
-    forward/backward after the step. The
-    weights, the optimizer state (e.g. AdamW exp_avg, exp_avg_sq, step), the .grad fields and the
-    requires_grad flags are then restored exactly. The reference code restores only the weights.
+    Each closure runs a forward on one batch and returns its loss; g is the gradient of their mean,
+    taken at the current weights w0 where the Taylor expansion is centred (the reference code
+    takes it after the step, at w1). One batch is what the reference uses; more batches lower the
+    variance of the same estimate.
+
+    dw is the first step of a fresh optimizer of `optimizer`'s type and hyper-parameters
+    (`fresh_optimizer`), for every tensor alike. This is what the reference's first selection
+    does (its optimizer has no state yet). At later selections the reference steps its live
+    optimizer, so a tensor trained since the last selection moves along its momentum while an
+    untrained one takes a first step; with AdamW the latter is lr sign(g) (I_k = lr ||g_k||_1 > 0)
+    and the former is anti-aligned with g whenever training oscillates. Measured on MiniLM at
+    step 50 of 150: 17 of the 26 trained tensors, the new classifier head among them, got
+    I_k < 0 (on 1 batch and on 8) and were frozen (docs/green/README.md). `optimizer` itself is
+    never stepped: its state is untouched. The weights, the .grad fields and the requires_grad
+    flags are restored exactly.
     The result is divided by max_k |I_k|, so it lies in [-1, 1] (as in the reference). A positive
     scale does not change which selection the DP picks.
     Tensors with I_k <= 0 are expected to raise the loss and are never selected (`dp_select`).
     """
+    if not closures:
+        raise ValueError("tensor importance needs at least one batch")
     params = dict(model.named_parameters())
     saved = {n: (p.requires_grad, p.grad) for n, p in params.items()}
     chosen = [params[n] for n in names]
@@ -46,21 +72,16 @@ def tensor_importance(model: nn.Module, names: Sequence[str], closure: Callable[
     for p in params.values():
         p.grad = None
     try:
-        closure().backward()
+        for closure in closures:
+            (closure() / len(closures)).backward()
         grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in chosen]
         w0 = [p.detach().clone() for p in chosen]
-        state0 = {p: copy.deepcopy(optimizer.state[p]) for p in chosen if p in optimizer.state}
-        optimizer.step()
+        fresh_optimizer(optimizer, chosen).step()
         with torch.no_grad():
             importance = np.array([-(g.double() * (p.double() - w)).sum().item()
                                    for g, p, w in zip(grads, chosen, w0)])
             for p, w in zip(chosen, w0):
                 p.copy_(w)
-        for p in chosen:
-            if p in state0:
-                optimizer.state[p] = state0[p]
-            else:
-                optimizer.state.pop(p, None)
     finally:
         for n, p in params.items():
             p.requires_grad_(saved[n][0])
@@ -145,9 +166,10 @@ class GreenSelector:
     """Re-selects the trained tensors every `interval` epochs or rounds, as GreenTrainer does
     (Sec. 4: importance is re-evaluated periodically, since it changes during training).
 
-    Call `update(step, model, closure, optimizer)` at the start of every epoch/round. At steps
-    0, interval, 2 interval, ... it recomputes importance on `closure`'s batch, solves the selection objective and
-    applies the selection to `model`. It returns the selected parameter names.
+    Call `update(step, model, closures, optimizer)` at the start of every epoch/round. At steps
+    0, interval, 2 interval, ... it recomputes importance on the closures' batches (`tensor_importance`),
+    solves the selection objective and applies the selection to `model`. It returns the selected
+    parameter names.
     """
 
     def __init__(self, profile: FlopsProfile, rho: float, interval: int = 1, resolution: float | None = None) -> None:
@@ -169,11 +191,60 @@ class GreenSelector:
         """(T_fp + T_bp(m)) / (T_fp + T_bp(all)) of the current selection."""
         return None if self.mask is None else self.profile.rho_of(self.mask)
 
-    def update(self, step: int, model: nn.Module, closure: Callable[[], Tensor],
+    def update(self, step: int, model: nn.Module, closures: Sequence[Callable[[], Tensor]],
                optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
         """Re-select if `step` is a multiple of `interval` (or nothing is selected yet)."""
         if self.mask is None or step % self.interval == 0:
-            self.importance = tensor_importance(model, self.profile.names, closure, optimizer)
+            self.importance = tensor_importance(model, self.profile.names, closures, optimizer)
             self.mask = select(self.profile, self.importance, self.rho, self.resolution)
             apply_selection(model, set(self.selected))
         return self.selected
+
+
+def counted(fn: Callable[[], Any]) -> tuple[Any, int, float]:
+    """Run `fn` under FlopCounterMode with math attention (whose matmuls it counts); return
+    (result, FLOPs, seconds)."""
+    t0 = time.perf_counter()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        result = fn()
+    return result, counter.get_total_flops(), time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class BudgetSelection:
+    """One client's selection under its budget: the trained tensors, the profile's achieved rho
+    (T_fp + T_bp(m)) / (T_fp + T_bp(all)), and the measured cost of profiling + importance."""
+
+    names: tuple[str, ...]
+    achieved_rho: float
+    flops: int
+    wall_time_s: float
+
+
+def select_under_budget(model: nn.Module, batches: Sequence[Mapping[str, Any]], optimizer: torch.optim.Optimizer,
+                        rho: float) -> BudgetSelection:
+    """GreenTrainer for one edge client with budget rho_k (Sec. 4 on the client's own data): profile
+    the model's trainable tensors on `batches[0]` (Sec. 4.1), importance from the mean gradient over
+    `batches` (Sec. 4.2; `optimizer` is not stepped), the DP under rho (Sec. 4.3), and the selection
+    applied to `model` (requires_grad False for every other tensor, so autograd skips their work).
+
+    The caller then trains with its usual loop and restores its candidates' flags afterwards with
+    `apply_selection(model, candidates)`. Used by FedAvg-LoRA clients (`fedcola.fedavg_lora`); any
+    client that trains the requires_grad tensors of a model whose modules `fedcola.flops` knows can
+    call it the same way (an unknown module type is a ValueError naming it). Raises ValueError for
+    rho outside (0, 1], below the smallest feasible rho, or when no tensor has positive importance.
+    """
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+
+    def solve() -> tuple[FlopsProfile, np.ndarray]:
+        profile = profile_tensors(model, batches[0])
+        importance = tensor_importance(model, profile.names, [lambda b=b: model(**b).loss for b in batches], optimizer)
+        return profile, select(profile, importance, rho)
+
+    (profile, mask), flops, seconds = counted(solve)
+    if not mask.any():
+        raise ValueError(f"no tensor selected at rho={rho:g}: every importance is <= 0 (is the learning rate 0?)")
+    names = profile.selected_names(mask)
+    apply_selection(model, set(names))
+    return BudgetSelection(names, profile.rho_of(mask), flops, seconds)

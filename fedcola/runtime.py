@@ -74,11 +74,13 @@ def round_seed(config: dict, server_round: int, partition_id: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class NodeOptions:
-    """What a SuperNode's ``node_config`` says: its partition and its straggler factor."""
+    """What a SuperNode's ``node_config`` says: its partition, its straggler factor and its
+    GreenTrainer FLOPs budget ``green-rho`` (fraction of full local training's FLOPs, default 1)."""
 
     partition_id: int
     num_partitions: int
     slowdown: float
+    green_rho: float = 1.0
 
 
 def node_options(context: Context) -> NodeOptions:
@@ -88,4 +90,7 @@ def node_options(context: Context) -> NodeOptions:
     slowdown = float(node.get("slowdown", 1.0))
     if slowdown < 1.0:
         raise ValueError(f"node config slowdown must be >= 1, got {slowdown}")
-    return NodeOptions(int(node["partition-id"]), int(node["num-partitions"]), slowdown)
+    green_rho = float(node.get("green-rho", 1.0))
+    if not 0.0 < green_rho <= 1.0:
+        raise ValueError(f"node config green-rho must be in (0, 1], got {green_rho}")
+    return NodeOptions(int(node["partition-id"]), int(node["num-partitions"]), slowdown, green_rho)

@@ -1,16 +1,50 @@
-"""FedAvg of LoRA adapters with screened replies and a cost ledger."""
+"""FedAvg of LoRA adapters with screened replies, per-client FLOPs budgets and a cost ledger.
+
+Clients under a GreenTrainer budget rho_k < 1 train different subsets of the tensors
+(`fedcola.fedavg_lora`). Each reply names the tensors its client trained; the server averages each
+tensor over those clients only, weighted by examples (`per_tensor_fedavg`). A copy a client sent
+back untrained is the global value it received: counting it as a zero update would shrink every
+update that only some clients compute by the share of examples held by the others, so weak
+clients would slow down the tensors they cannot afford. This is the per-parameter averaging of
+sub-model FL (as in HeteroFL, Diao et al. 2021). When every client trains every tensor it is FedAvg.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedcola.fedavg_lora import TRAINED
 from fedcola.ledger import Ledger
 from fedcola.wire import nbytes
-from strategies.screening import screen
+from strategies.screening import screen, skip
+
+
+def trained_names(content: RecordDict, current: ArrayRecord) -> list[str]:
+    """The tensors a reply says its client trained (all of them when it does not say)."""
+    record = content.config_records.get(TRAINED)
+    return list(current.keys()) if record is None else list(record["names"])
+
+
+def per_tensor_fedavg(current: ArrayRecord, contents: list[RecordDict], weight_key: str = "num-examples") -> ArrayRecord:
+    """w_t <- sum_{k in S_t} n_k w_k,t / sum_{k in S_t} n_k, S_t = the clients that trained tensor t
+    (module docstring); a tensor no client trained keeps its current value."""
+    trained = [set(trained_names(c, current)) for c in contents]
+    weights = [float(c.metric_records["metrics"][weight_key]) for c in contents]
+    out = {}
+    for name, value in current.items():
+        mine = [(w, c.array_records["arrays"][name].numpy()) for c, t, w in zip(contents, trained, weights) if name in t]
+        if not mine:
+            out[name] = value
+            continue
+        total = sum(w for w, _ in mine)
+        mean = sum(w * a.astype(np.float64) for w, a in mine) / total
+        out[name] = Array(mean.astype(value.numpy().dtype))
+    return ArrayRecord(out)
 
 
 class FedAvgLoRA(FedAvg):
@@ -39,7 +73,15 @@ class FedAvgLoRA(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        kept = screen(server_round, replies, self._sent, self.ledger, nbytes(self._sent))
+        named = []
+        for msg in replies:
+            unknown = set() if msg.has_error() else set(trained_names(msg.content, self._sent)) - set(self._sent.keys())
+            if unknown:
+                skip(server_round, msg.metadata.src_node_id, f"trained names unknown tensors {sorted(unknown)[:3]}", self.ledger)
+            else:
+                named.append(msg)
+        kept = screen(server_round, named, self._sent, self.ledger, nbytes(self._sent))
         if not kept:
             return None, None
-        return super().aggregate_train(server_round, kept)
+        contents = [msg.content for msg in kept]
+        return per_tensor_fedavg(self._sent, contents, self.weighted_by_key), self.train_metrics_aggr_fn(contents, self.weighted_by_key)

@@ -179,18 +179,22 @@ def test_selection_respects_rho_budget(tiny, rho):
 # ---------------------------------------------------------------- importance
 
 def _closure(model, batch):
-    return lambda: model(**batch).loss
+    return [lambda: model(**batch).loss]
+
+
+def _train_some(model, batch, names, opt, steps=2):
+    apply_selection(model, set(names))
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
 
 
 def test_importance_restores_weights_and_adamw_state():
     model, batch = _tiny("llama")
     names = profile_tensors(model, batch).names
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    apply_selection(model, set(names[:5]))  # only some tensors have optimizer state
-    for _ in range(2):
-        opt.zero_grad()
-        model(**batch).loss.backward()
-        opt.step()
+    _train_some(model, batch, names[:5], opt)  # only some tensors have optimizer state
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     state = {p: copy.deepcopy(s) for p, s in opt.state.items()}
@@ -204,6 +208,46 @@ def test_importance_restores_weights_and_adamw_state():
     for p, s in state.items():
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt.state[p][key], s[key])
+
+
+def test_importance_with_adamw_is_first_step_for_every_tensor():
+    """dw is a fresh AdamW's first step, -lr g / (|g| + eps) (weight decay 0), for trained and
+    untrained tensors alike: I_k = lr sum g^2 / (|g| + eps) > 0, whatever the live momentum says."""
+    model, batch = _tiny("bert")
+    model.eval()  # no dropout: the gradient is deterministic
+    names = profile_tensors(model, batch).names
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    _train_some(model, batch, names[:6], opt, steps=3)
+    for p in opt.state:  # momentum pointing uphill: a live step would raise the loss
+        opt.state[p]["exp_avg"].neg_()
+    apply_selection(model, set(names))
+    model.zero_grad()
+    model(**batch).loss.backward()
+    g = [params[n].grad.double() for n in names]
+    expected = np.array([(x * x / (x.abs() + 1e-8)).sum().item() for x in g])
+    model.zero_grad(set_to_none=True)
+    imp = tensor_importance(model, names, _closure(model, batch), opt)
+    np.testing.assert_allclose(imp, expected / expected.max(), rtol=1e-4, atol=1e-9)
+    assert (imp > 0).all()
+
+
+def test_importance_over_batches_uses_their_mean_gradient():
+    """Several closures: g is the gradient of the mean loss (here SGD, so I_k = lr ||g_k||^2)."""
+    model, batch = _tiny("bert")
+    model.eval()
+    half = {k: v[: len(v) // 2] for k, v in batch.items()}
+    rest = {k: v[len(v) // 2:] for k, v in batch.items()}
+    names = profile_tensors(model, batch).names
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    split = tensor_importance(model, names, _closure(model, half) + _closure(model, rest), sgd)
+    params = dict(model.named_parameters())
+    model.zero_grad()
+    ((model(**half).loss + model(**rest).loss) / 2).backward()
+    sq = np.array([params[n].grad.double().pow(2).sum().item() for n in names])
+    np.testing.assert_allclose(split, sq / sq.max(), rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="at least one batch"):
+        tensor_importance(model, names, [], sgd)
 
 
 def test_importance_with_sgd_is_normalised_squared_gradient_norm():

@@ -66,9 +66,8 @@ def test_frozen_tensors_get_no_grad_and_do_not_change():
 
     stats = train_green(model, itertools.cycle(_batches()), 3, optimizer_factory, rho=0.5, reselect_every=10)
     selected = set(stats.selections[0].names)
-    assert len(with_grad) == 4  # the importance step (every candidate has a grad), then 3 training steps
-    assert with_grad[0] == set(stats.candidates)
-    assert with_grad[1:] == [selected] * 3
+    # the importance step runs on a fresh optimizer: the live one takes only the 3 training steps
+    assert with_grad == [selected] * 3
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != (n in selected), n
         assert p.requires_grad  # flags restored
