@@ -4,6 +4,9 @@ The round's full config travels in every message (``config`` ConfigRecord), so a
 its own ``node_config`` (``fedcola.runtime.node_options``: its client id, its partition or its own
 ``data-path``, its ``state-dir``). With a ``state-dir``, each handler's ``context.state`` is saved
 there after every message and restored by a restarted SuperNode (``fedcola.state``).
+
+A SuperNode runs every message in a fresh ``flwr-clientapp`` process, so each handler imports only
+its own method's modules (peft, for instance, is FedAvg-LoRA's alone).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcola import cola_client, fedavg_lora, lte_client, runtime, state, train
+from fedcola import runtime, state, train
 from fedcola import config as cfg
 
 app = ClientApp()
@@ -53,6 +56,8 @@ def partition_of(context: Context) -> tuple[int, int]:
 @app.train()
 @node_handler
 def train_handler(msg: Message, context: Context, config: dict) -> Message:
+    from fedcola import fedavg_lora
+
     pid, n = partition_of(context)
     weights = msg.content.array_records["arrays"].to_torch_state_dict()
     new_state, stats, num_examples = fedavg_lora.client_train(config, weights, pid, n, config["server-round"])
@@ -66,16 +71,22 @@ def train_handler(msg: Message, context: Context, config: dict) -> Message:
 @app.query("cola")
 @node_handler
 def cola_query_handler(msg: Message, context: Context, config: dict) -> Message:
+    from fedcola import cola_client
+
     return cola_client.query(msg, context, config, partition_of(context))
 
 
 @app.train("cola")
 @node_handler
 def cola_train_handler(msg: Message, context: Context, config: dict) -> Message:
+    from fedcola import cola_client
+
     return cola_client.fit(msg, context, config, partition_of(context))
 
 
 @app.train("lte")
 @node_handler
 def lte_train_handler(msg: Message, context: Context, config: dict) -> Message:
+    from fedcola import lte_client
+
     return lte_client.lte_train(msg, context, config)

@@ -128,3 +128,22 @@ def test_node_config_errors_are_one_line():
         runtime.node_options(_context({"partition-id": 0}))
     with pytest.raises(ValueError, match="does not exist on this machine"):
         runtime.node_options(_context({"partition-id": 0, "data-path": "/nonexistent/x.csv"}))
+
+
+def test_restarted_node_takes_over_its_adapter_id_from_the_departed_node(setup):
+    """A restarted SuperNode has a new node id: it takes over its adapter id (partition) only once the
+    old node is gone, and the old node's adapters leave the merged mean (no client counted twice)."""
+    config, _ = setup
+    strategy = ColA(ColaServer(models.load_model(config["model"], "classification", num_labels=2), cola_fl.targets_of(config)), config, num_labels=2)
+
+    def reply(node):
+        msg = client_app.cola_query_handler(_query(config, 0), _context({"partition-id": 0, "num-partitions": 2}))
+        msg.metadata.__dict__["_src_node_id"] = node
+        return msg
+
+    strategy._connected = {1, 9}
+    assert list(strategy._accept_queries(1, [reply(1)])) == [1]
+    assert strategy._accept_queries(1, [reply(9)]) == {}  # node 1 is still connected
+    strategy._connected = {9}
+    assert list(strategy._accept_queries(1, [reply(9)])) == [9]
+    assert list(strategy.adapters) == [9] and strategy.owner == {9: 0}
