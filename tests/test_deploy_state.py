@@ -22,10 +22,9 @@ def _identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny random BERT as a local model folder and a local CSV as the run's dataset."""
-    root = tmp_path_factory.mktemp("deploy-state")
+def tiny_assets(root):
+    """A tiny random BERT as a local model folder, a local CSV as the run's dataset (labels 0/1), and
+    a node's own CSV file."""
     words = ["good", "bad", "film", "plot", "great", "dull", "fine", "awful"]
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words))
     tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
@@ -35,9 +34,16 @@ def setup(tmp_path_factory):
     tok.save_pretrained(root / "model")
     rng = np.random.default_rng(0)
     (root / "data.csv").write_text("\n".join(["text,label"] + [f"{' '.join(rng.choice(words, 5))},{i % 2}" for i in range(80)]))
-    config = cfg.build({"method": "cola", "model": str(root / "model"), "dataset": str(root / "data.csv"), "num-clients": 2,
+    (root / "own.csv").write_text("\n".join(["text,label"] + [f"{' '.join(rng.choice(words, 5))},{i % 2}" for i in range(30)]))
+    return {"model": root / "model", "data": root / "data.csv", "own": root / "own.csv"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    assets = tiny_assets(tmp_path_factory.mktemp("deploy-state"))
+    config = cfg.build({"method": "cola", "model": str(assets["model"]), "dataset": str(assets["data"]), "num-clients": 2,
                         "batch-size": 4, "cola.interval": 2, "data.max-length": 16, "lr": 1e-2})
-    return config, root
+    return config, assets
 
 
 def _context(node_config):
