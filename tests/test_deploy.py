@@ -92,7 +92,7 @@ def test_killed_supernode_run_goes_on_and_restarted_node_resumes_from_its_state(
     saved = state.state_path(plain.root / "state1", run_id)
     deadline = time.time() + 600
     while _messages(saved) < 2:  # query + fit of the first interval handled and saved
-        assert time.time() < deadline and not plain.status(run_id).startswith(loopback.FINISHED)
+        assert time.time() < deadline, plain.log("node1")[-3000:]
         time.sleep(0.2)
     plain.kill("node1")
     at_kill = _messages(saved)
@@ -104,7 +104,7 @@ def test_killed_supernode_run_goes_on_and_restarted_node_resumes_from_its_state(
     (ledger_file,) = list(out.rglob("ledger.json"))
     result = ledger.load(ledger_file)
     assert result["status"] == "completed"
-    assert any("unavailable" in s["reason"] for s in result["rounds"][1]["skipped"]), result["rounds"][1].get("skipped")
+    assert any("unavailable" in s["reason"].lower() for s in result["rounds"][1]["skipped"]), result["rounds"][1].get("skipped")
     with safe_open(str(ledger_file.parent / "final.safetensors"), "pt") as f:
         assert len({k.split("/", 1)[0] for k in f.keys()}) == 3  # partition 1 once, under its new node id
 
