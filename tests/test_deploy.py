@@ -7,6 +7,7 @@ authentication with a node whose key was never registered."""
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -48,9 +49,12 @@ def run_and_check(fed, assets, method, out_dir, num_clients):
 
 
 def _stopped(fed):
-    pids = [p.pid for p in fed.procs.values()]
+    """Stop the federation; no process it started (SuperExec, ServerApp, ClientApp ones included) is left."""
+    started = [psutil.Process(p.pid) for p in fed.procs.values() if psutil.pid_exists(p.pid)]
+    started += [c for p in started for c in p.children(recursive=True)]
     fed.stop()
-    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
 
 
 @pytest.fixture(scope="module")
@@ -118,24 +122,23 @@ def secure(tmp_path_factory, assets):
     fed = loopback.Loopback(root, tls=tls, auth=True).start()
     try:
         keys = [loopback.make_node_key(root / "keys", f"node{i}") for i in range(3)]
-        fed.registered = {fed.register(keys[i].with_suffix(".pub")) for i in range(2)}
+        registered = {fed.register(keys[i].with_suffix(".pub")) for i in range(2)}
         for i in range(2):
             fed.add_node(f"node{i}", {"partition-id": i, "num-partitions": 2}, key=keys[i])
-        fed.stranger = keys[2]
-        yield fed
+        yield SimpleNamespace(fed=fed, registered=registered, stranger=keys[2])
     finally:
         _stopped(fed)
 
 
 def test_cola_and_lte_runs_with_tls_and_supernode_authentication(secure, assets, tmp_path):
-    run_and_check(secure, assets, "cola", tmp_path / "cola", 2)
-    run_and_check(secure, assets, "lte", tmp_path / "lte", 2)
-    assert {int(n["node-id"]) for n in secure.nodes() if n["status"] == "online"} == secure.registered
+    run_and_check(secure.fed, assets, "cola", tmp_path / "cola", 2)
+    run_and_check(secure.fed, assets, "lte", tmp_path / "lte", 2)
+    assert {int(n["node-id"]) for n in secure.fed.nodes() if n["status"] == "online"} == secure.registered
 
 
 def test_unregistered_supernode_is_refused(secure):
-    proc = secure.add_node("stranger", {"partition-id": 5, "num-partitions": 6}, key=secure.stranger)
+    proc = secure.fed.add_node("stranger", {"partition-id": 5, "num-partitions": 6}, key=secure.stranger)
     assert proc.wait(timeout=120) != 0
-    secure.procs.pop("stranger")
-    assert "Failed to initialize the connection to the SuperLink" in secure.log("stranger")
-    assert {int(n["node-id"]) for n in secure.nodes()} == secure.registered
+    secure.fed.procs.pop("stranger")
+    assert "Failed to initialize the connection to the SuperLink" in secure.fed.log("stranger")
+    assert {int(n["node-id"]) for n in secure.fed.nodes()} == secure.registered
