@@ -1,17 +1,24 @@
 """The fedcola ClientApp: handles each method's messages on a (virtual or real) SuperNode.
 
 The round's full config travels in every message (``config`` ConfigRecord), so a SuperNode needs only
-its own ``node_config`` (which partition or which local data it holds).
+its own ``node_config`` (``fedcola.runtime.node_options``: its client id, its partition or its own
+``data-path``, its ``state-dir``). With a ``state-dir``, each handler's ``context.state`` is saved
+there after every message and restored by a restarted SuperNode (``fedcola.state``).
+
+A SuperNode runs every message in a fresh ``flwr-clientapp`` process, so each handler imports only
+its own method's modules (peft, for instance, is FedAvg-LoRA's alone).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedcola import runtime, state, train
 from fedcola import config as cfg
-from fedcola import cola_client, fedavg_lora, lte_client, runtime, train
 
 app = ClientApp()
 
@@ -23,19 +30,38 @@ def message_config(msg: Message) -> dict:
     return config | {"server-round": server_round}
 
 
+def node_handler(handle: Callable[[Message, Context, dict], Message]) -> Callable[[Message, Context], Message]:
+    """A message handler with the run config (+ the node's ``data-path``), the node's thread count, and
+    its ``context.state`` restored from / saved to the node's ``state-dir``."""
+
+    def handler(msg: Message, context: Context) -> Message:
+        node = runtime.node_options(context)
+        config = message_config(msg) | {runtime.DATA_PATH: node.data_path}
+        torch.set_num_threads(config["client.num-cpus"])
+        if node.state_dir:
+            state.restore(context, node.state_dir)
+        reply = handle(msg, context, config)
+        if node.state_dir:
+            state.save(context, node.state_dir, config["server-round"])
+        return reply
+
+    return handler
+
+
 def partition_of(context: Context) -> tuple[int, int]:
     node = runtime.node_options(context)
     return node.partition_id, node.num_partitions
 
 
 @app.train()
-def train_handler(msg: Message, context: Context) -> Message:
-    config = message_config(msg)
-    torch.set_num_threads(config["client.num-cpus"])
+@node_handler
+def train_handler(msg: Message, context: Context, config: dict) -> Message:
+    from fedcola import fedavg_lora
+
     node = runtime.node_options(context)
-    state = msg.content.array_records["arrays"].to_torch_state_dict()
+    weights = msg.content.array_records["arrays"].to_torch_state_dict()
     new_state, stats, num_examples, selection = fedavg_lora.client_train(
-        config, state, node.partition_id, node.num_partitions, config["server-round"], rho=node.green_rho)
+        config, weights, node.partition_id, node.num_partitions, config["server-round"], rho=node.green_rho)
     metrics = MetricRecord({
         "num-examples": num_examples, "train-loss": float(stats.loss), "flops": int(stats.flops),
         "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": float(stats.wall_time_s),
@@ -47,21 +73,24 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 
 @app.query("cola")
-def cola_query_handler(msg: Message, context: Context) -> Message:
-    config = message_config(msg)
-    torch.set_num_threads(config["client.num-cpus"])
+@node_handler
+def cola_query_handler(msg: Message, context: Context, config: dict) -> Message:
+    from fedcola import cola_client
+
     return cola_client.query(msg, context, config, partition_of(context))
 
 
 @app.train("cola")
-def cola_train_handler(msg: Message, context: Context) -> Message:
-    config = message_config(msg)
-    torch.set_num_threads(config["client.num-cpus"])
+@node_handler
+def cola_train_handler(msg: Message, context: Context, config: dict) -> Message:
+    from fedcola import cola_client
+
     return cola_client.fit(msg, context, config, partition_of(context))
 
 
 @app.train("lte")
-def lte_train_handler(msg: Message, context: Context) -> Message:
-    config = message_config(msg)
-    torch.set_num_threads(config["client.num-cpus"])
+@node_handler
+def lte_train_handler(msg: Message, context: Context, config: dict) -> Message:
+    from fedcola import lte_client
+
     return lte_client.lte_train(msg, context, config)

@@ -143,15 +143,21 @@ def load_raw(name: str, block_chars: int = 256) -> Dataset:
     raise UnknownDatasetError(f"unknown dataset '{name}': known names are {', '.join(NAMED)}, or a local .csv/.jsonl/.txt file or folder, or a hub dataset 'org/name'")
 
 
-@functools.lru_cache(maxsize=4)
-def load_splits(name: str, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1, block_chars: int = 256,
-                text_column: str = "text", label_column: str = "label") -> DatasetDict:
-    """Fixed-seed train / validation / test split; columns renamed to ``text`` and ``label``."""
+def load_columns(name: str, block_chars: int = 256, text_column: str = "text", label_column: str = "label") -> Dataset:
+    """All examples of a dataset, unsplit, its columns renamed to ``text`` and ``label``."""
     ds = load_raw(name, block_chars)
     renames = {c: t for c, t in ((text_column, "text"), (label_column, "label")) if c != t and c in ds.column_names}
     ds = ds.rename_columns(renames) if renames else ds
     if "text" not in ds.column_names and "pixel_values" not in ds.column_names:
         raise UnknownDatasetError(f"dataset '{name}' has no column '{text_column}' (columns: {', '.join(ds.column_names)}); set data.text_column")
+    return ds
+
+
+@functools.lru_cache(maxsize=4)
+def load_splits(name: str, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1, block_chars: int = 256,
+                text_column: str = "text", label_column: str = "label") -> DatasetDict:
+    """Fixed-seed train / validation / test split; columns renamed to ``text`` and ``label``."""
+    ds = load_columns(name, block_chars, text_column, label_column)
     if "label" in ds.column_names and not isinstance(ds.features["label"], ClassLabel):
         ds = ds.class_encode_column("label")
     held_out = ds.train_test_split(test_size=val_fraction + test_fraction, seed=seed)

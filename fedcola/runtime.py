@@ -1,14 +1,18 @@
-"""What every method needs from a run config: its splits, a client's partition, loaders, label count."""
+"""What every method needs from a run config: its splits, a client's partition or own data, loaders,
+label count, and a SuperNode's node options."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 
 from flwr.app import Context
 
 from fedcola import data, models, train
 from fedcola.char_tokenizer import dataset_char_tokenizer
+
+DATA_PATH = "node.data-path"  # the node's own data in a client handler's config (not a run config key)
 
 
 def dataset_splits(config: dict):
@@ -44,19 +48,50 @@ def loader(config: dict, ds, shuffle: bool, seed: int, batch_size: int | None = 
     return train.make_loader(ds, tokenizer(config), config["task"], batch_size or config["batch-size"], config["data.max-length"], shuffle, seed)
 
 
+def local_data(config: dict, path: str):
+    """A SuperNode's own examples (``data-path`` in its node config: CSV / JSONL / TXT file or class
+    folder, read as ``fedcola.data`` reads local datasets), labels mapped by name onto the classes of
+    the run's ``dataset`` (an integer label that is not a class name is taken as the class index)."""
+    from datasets import ClassLabel
+
+    ds = data.load_columns(path, config["data.block-chars"], config["data.text-column"], config["data.label-column"])
+    feature = dataset_splits(config)["train"].features.get("label")
+    if not isinstance(feature, ClassLabel):
+        return ds
+    if "label" not in ds.column_names:
+        raise ValueError(f"data-path '{path}' has no label column '{config['data.label-column']}' (columns: {', '.join(ds.column_names)})")
+    own = ds.features["label"]
+    values = [own.int2str(v) for v in ds["label"]] if isinstance(own, ClassLabel) else ds["label"]
+    index = {name: i for i, name in enumerate(feature.names)}
+    ids = []
+    for v in values:
+        if str(v) in index:
+            ids.append(index[str(v)])
+        elif isinstance(v, int) and 0 <= v < len(index):
+            ids.append(v)
+        else:
+            raise ValueError(f"data-path '{path}': label {v!r} is not a class of dataset '{config['dataset']}' ({', '.join(feature.names)})")
+    return ds.remove_columns("label").add_column("label", ids).cast_column("label", feature)
+
+
 @functools.lru_cache(maxsize=256)  # one Ray actor may serve every virtual client of a run
 def _client_splits(frozen: tuple, partition_id: int, num_partitions: int):
     config = dict(frozen)
-    part = data.load_partition(dataset_splits(config)["train"], config["partitioning"], partition_id, num_partitions, config["seed"])
+    if config[DATA_PATH]:
+        part = local_data(config, config[DATA_PATH])
+    else:
+        part = data.load_partition(dataset_splits(config)["train"], config["partitioning"], partition_id, num_partitions, config["seed"])
     held_out = max(1, round(len(part) * config["eval.client-fraction"]))
     return part.train_test_split(test_size=held_out, seed=config["seed"])
 
 
 def client_split(config: dict, partition_id: int, num_partitions: int, split: str = "train"):
-    """A client's local ``train`` or ``validation`` split: its partition, of which ``eval.client-fraction``
-    (fixed seed) is held out for client-side evaluation."""
+    """A client's local ``train`` or ``validation`` split: its partition of the run's dataset, or the
+    node's own data (``config[DATA_PATH]``, set by the ClientApp from the node config), of which
+    ``eval.client-fraction`` (fixed seed) is held out for client-side evaluation."""
     keys = ("dataset", "seed", "data.block-chars", "data.text-column", "data.label-column", "partitioning", "eval.client-fraction")
-    splits = _client_splits(tuple((k, config[k]) for k in keys), partition_id, num_partitions)
+    frozen = tuple((k, config[k]) for k in keys) + ((DATA_PATH, config.get(DATA_PATH, "")),)
+    splits = _client_splits(frozen, partition_id, num_partitions)
     return splits["train" if split == "train" else "test"]
 
 
@@ -74,23 +109,32 @@ def round_seed(config: dict, server_round: int, partition_id: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class NodeOptions:
-    """What a SuperNode's ``node_config`` says: its partition, its straggler factor and its
-    GreenTrainer FLOPs budget ``green-rho`` (fraction of full local training's FLOPs, default 1)."""
+    """What a SuperNode's ``node_config`` says: its client id (``partition-id``: the ColA adapter id,
+    the seeds of its draws), its data (``num-partitions`` partitions of the run's dataset, or its own
+    file / folder ``data-path``), where its state is kept (``state-dir``, optional), its straggler
+    factor (``slowdown``) and its GreenTrainer FLOPs budget ``green-rho`` (fraction of full local
+    training's FLOPs, default 1)."""
 
     partition_id: int
     num_partitions: int
     slowdown: float
+    data_path: str = ""
+    state_dir: str = ""
     green_rho: float = 1.0
 
 
 def node_options(context: Context) -> NodeOptions:
     node = context.node_config
-    if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError("this SuperNode's node config needs partition-id and num-partitions (e.g. --node-config 'partition-id=0 num-partitions=2')")
+    data_path, state_dir = str(node.get("data-path", "")), str(node.get("state-dir", ""))
+    if "partition-id" not in node or ("num-partitions" not in node and not data_path):
+        raise ValueError("this SuperNode's node config needs partition-id and either num-partitions or data-path "
+                         "(e.g. --node-config 'partition-id=0 num-partitions=2' or 'partition-id=0 data-path=\"/data/mine.csv\"')")
+    if data_path and not Path(data_path).expanduser().exists():
+        raise ValueError(f"node config data-path '{data_path}' does not exist on this machine")
     slowdown = float(node.get("slowdown", 1.0))
     if slowdown < 1.0:
         raise ValueError(f"node config slowdown must be >= 1, got {slowdown}")
     green_rho = float(node.get("green-rho", 1.0))
     if not 0.0 < green_rho <= 1.0:
         raise ValueError(f"node config green-rho must be in (0, 1], got {green_rho}")
-    return NodeOptions(int(node["partition-id"]), int(node["num-partitions"]), slowdown, green_rho)
+    return NodeOptions(int(node["partition-id"]), int(node.get("num-partitions", 1)), slowdown, data_path, state_dir, green_rho)

@@ -58,6 +58,7 @@ class ColA(Strategy):
         self.num_labels = num_labels
         self._costs: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._server_flops = 0
+        self._connected: set[int] = set()  # the nodes connected when this interval was configured
         self._step = 0  # the interval's global index: seeds client sampling and the clients' batch draws
 
     @property
@@ -88,6 +89,7 @@ class ColA(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Query messages for the sampled clients of this interval."""
         nodes = sorted(grid.get_node_ids())
+        self._connected = set(nodes)
         k = max(1, math.ceil(self.config["fraction-train"] * len(nodes)))
         sampled = sorted(random.Random(self.config["seed"] * 100_003 + self._step).sample(nodes, k))
         return [
@@ -121,6 +123,8 @@ class ColA(Strategy):
                 problem = cola_fl.check_batches(record, max_batches, c["batch-size"], self.vocab_size, self.num_labels, c["data.max-length"])
                 if problem is None and not evaluation and cola_fl.batch_count(record) != max_batches:
                     problem = f"query reply has {cola_fl.batch_count(record)} batches, the interval needs {max_batches}"
+            if problem is None:
+                self._own(node, int(msg.content.metric_records["metrics"]["partition-id"]))
             if problem is None and node not in self.known:
                 if "adapter" not in msg.content.array_records:
                     problem = "first query reply lacks the client's auxiliary models"
@@ -131,7 +135,6 @@ class ColA(Strategy):
             if problem is not None:
                 skip(server_round, node, problem, self.ledger)
                 continue
-            self.owner.setdefault(node, int(msg.content.metric_records["metrics"]["partition-id"]))
             if not evaluation:
                 self.examples[node] = int(msg.content.metric_records["metrics"]["num-examples"])
             self._costs[node]["bytes_up"] += sum(wire.nbytes(r) for r in msg.content.array_records.values())
@@ -146,9 +149,27 @@ class ColA(Strategy):
         self.synced[node] = True
 
     def _check_owner(self, node: int, adapter_id: int) -> str | None:
+        """A node keeps the adapter id of its first reply; a connected node's id is not another's."""
         if node in self.owner and self.owner[node] != adapter_id:
             return f"reply carries adapter id {adapter_id}, but node {node} holds adapter {self.owner[node]}"
-        return None
+        held_by = [n for n, a in self.owner.items() if a == adapter_id and n != node and n in self._connected]
+        return f"adapter id {adapter_id} is held by connected node {held_by[0]}" if held_by else None
+
+    def _own(self, node: int, adapter_id: int) -> None:
+        """Record ``node`` as the holder of ``adapter_id``. A restarted SuperNode comes back with a new
+        node id: it takes over the adapter id of the departed node, whose entries go (in merged mode
+        they would otherwise count that client twice). In the parameter mean (merged linear) its share
+        and its `synced` flag pass to the new node: the node's restored state (``state-dir``) continues
+        the changes it sends from the version the server holds."""
+        if node not in self.owner:
+            for old in [n for n, a in self.owner.items() if a == adapter_id]:
+                log(INFO, "adapter id %d rejoined as node %d (was node %d)", adapter_id, node, old)
+                for held in (self.owner, self.adapters, self.examples):
+                    held.pop(old, None)
+                if self.mean is not None and old in self.mean.n:
+                    self.mean.n[node] = self.mean.n.pop(old)
+                    self.synced[node] = self.synced.pop(old, False)
+        self.owner[node] = adapter_id
 
     # --- step 3/4: hidden gradients -------------------------------------------------------------
     def hidden_pairs(self, batches: dict[int, list[dict[str, torch.Tensor]]]) -> dict[int, list[dict]]:

@@ -1,0 +1,175 @@
+"""A real Flower deployment on one machine: a SuperLink and SuperNodes as separate processes on
+loopback ports, optionally with TLS (a CA and a server certificate made with openssl) and SuperNode
+authentication (ECDSA keys made with ssh-keygen, registered with ``flwr supernode register``).
+
+Used by the deployment tests and ``simulations/deploy_bench.py``; docs/deploy.md shows the same
+commands for several machines. Every process is started in its own session and stopped by its
+process-group id (``stop``), so nothing outlives the federation, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FINISHED = "finished:"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    """Environment of a Flower process: a private FLWR_HOME, offline, this interpreter's scripts first."""
+    return os.environ | {
+        "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def make_tls(root: Path) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1 / localhost (SANs), signed by that CA."""
+    root.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (root / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.pem"))
+    _run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=fedcola-test-ca",
+          "-keyout", str(ca_key), "-out", str(ca)])
+    _run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(csr)])
+    (root / "san.ext").write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+    _run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2",
+          "-extfile", str(root / "san.ext"), "-out", str(cert)])
+    return {"ca": ca, "cert": cert, "key": key}
+
+
+def make_node_key(root: Path, name: str) -> Path:
+    """An ECDSA P-384 key pair (``<name>``, ``<name>.pub``, OpenSSH format, no passphrase)."""
+    root.mkdir(parents=True, exist_ok=True)
+    key = root / name
+    _run(["ssh-keygen", "-t", "ecdsa", "-b", "384", "-N", "", "-q", "-f", str(key)])
+    return key
+
+
+class Loopback:
+    """A SuperLink on ``127.0.0.1:<port>`` and SuperNodes started by :meth:`add_node`; ``connection``
+    is the FLWR_HOME config.toml entry that ``flwr`` uses to reach it (federation ``name``)."""
+
+    def __init__(self, root: Path, tls: dict[str, Path] | None = None, auth: bool = False, name: str = "loopback"):
+        if auth and tls is None:
+            raise ValueError("SuperNode authentication needs TLS")
+        self.root, self.tls, self.auth, self.name = Path(root), tls, auth, name
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.cli_home = self.root / "cli-home"
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        security = f'root-certificates = "{tls["ca"]}"' if tls else "insecure = true"
+        (self.cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{self.port}"\n{security}\n')
+
+    # --- processes ----------------------------------------------------------------------------
+    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        home = self.root / f"{name}-home"
+        home.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / f"{name}.log", "ab")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=flwr_env(home), start_new_session=True)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def _security(self, node: bool) -> list[str]:
+        if self.tls is None:
+            return ["--insecure"]
+        if node:
+            return ["--root-certificates", str(self.tls["ca"])]
+        return ["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"]), "--ssl-keyfile", str(self.tls["key"])]
+
+    def start(self, timeout: float = 60) -> Loopback:
+        """Start the SuperLink and wait until its port accepts connections."""
+        auth = ["--enable-supernode-auth"] if self.auth else []
+        self._start("superlink", ["flower-superlink", *self._security(node=False), *auth, "--host", "127.0.0.1", "--port", str(self.port),
+                                  "--disable-runtime-dependency-installation"])
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.procs["superlink"].poll() is not None:
+                raise RuntimeError(f"the SuperLink exited with {self.procs['superlink'].returncode}: {self.log('superlink')[-2000:]}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.2)
+        raise TimeoutError(f"the SuperLink did not open port {self.port} within {timeout} s")
+
+    def add_node(self, name: str, node_config: dict, key: Path | None = None) -> subprocess.Popen:
+        """Start a SuperNode (its own Runtime API port) with ``node_config`` and, with authentication, its private ``key``."""
+        config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in node_config.items())
+        auth = ["--auth-supernode-private-key", str(key)] if key is not None else []
+        return self._start(name, ["flower-supernode", *self._security(node=True), "--superlink", f"127.0.0.1:{self.port}",
+                                  "--port", str(free_port()), "--node-config", config, *auth])
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a process and everything it started (its process group); wait until it is gone."""
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Stop every process this federation started (SuperNodes first), by process-group id."""
+        for name in sorted(self.procs, key=lambda n: n == "superlink"):
+            self.kill(name, signal.SIGTERM)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    # --- flwr CLI -----------------------------------------------------------------------------
+    def flwr(self, *args: str, cwd: Path | None = None, timeout: float = 120) -> dict:
+        """``flwr <args> --format json`` against this SuperLink; the parsed JSON (``success`` false: RuntimeError)."""
+        proc = subprocess.run(["flwr", *args, "--format", "json"], cwd=cwd, env=flwr_env(self.cli_home), capture_output=True, text=True, timeout=timeout)
+        out = proc.stdout
+        try:
+            result = json.loads(out[out.index("{"):])
+        except ValueError:
+            raise RuntimeError(f"flwr {' '.join(args)} printed no JSON (exit {proc.returncode}): {(out + proc.stderr)[-2000:]}") from None
+        if not result.get("success", False):
+            raise RuntimeError(f"flwr {' '.join(args)} failed: {result.get('error-message', result)}")
+        return result
+
+    def register(self, public_key: Path) -> int:
+        """Register a SuperNode's public key with the SuperLink (needed with authentication); its node id."""
+        return int(self.flwr("supernode", "register", str(public_key)).get("node-id"))
+
+    def nodes(self) -> list[dict]:
+        return self.flwr("supernode", "list")["nodes"]
+
+    def submit(self, app_dir: Path, run_config: str) -> int:
+        """``flwr run`` the app in ``app_dir`` with ``run_config`` overrides; the run id."""
+        return int(self.flwr("run", str(app_dir), self.name, "--run-config", run_config, cwd=app_dir, timeout=300)["run-id"])
+
+    def status(self, run_id: int) -> str:
+        return self.flwr("list", "--run-id", str(run_id))["runs"][0]["status"]
+
+    def wait(self, run_id: int, timeout: float = 900, poll: float = 2.0) -> str:
+        """Wait until the run is finished; its final status (``finished:completed`` on success)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = self.status(run_id)
+            if status.startswith(FINISHED):
+                return status
+            time.sleep(poll)
+        raise TimeoutError(f"run {run_id} not finished after {timeout} s (status {status})")

@@ -1,0 +1,144 @@
+"""Flower's Deployment Engine on loopback: a SuperLink and SuperNodes as real processes, short ColA and
+LTE runs submitted with ``flwr run . <federation>``, the final status read back with ``flwr list``
+(``--stream``'s exit code is 0 even when the ServerApp fails), every process stopped by its
+process-group id, also when a test fails (``fedcola.loopback``). Plain HTTP, then TLS + SuperNode
+authentication with a node whose key was never registered."""
+
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+from safetensors import safe_open
+
+from fedcola import ledger, loopback, state
+from tests.test_deploy_state import tiny_assets
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"rounds": 1, "local-steps": 1, "batch-size": 4, "eval.max-examples": 16, "eval.client-max-examples": 8, "data.max-length": 16}
+
+pytestmark = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl and ssh-keygen")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return tiny_assets(tmp_path_factory.mktemp("deploy-assets"))
+
+
+def run_config(assets, method: str, out_dir: Path, num_clients: int, **overrides) -> str:
+    """``--run-config`` of a short run on the tiny model and dataset (``local_steps=3`` -> ``local-steps=3``)."""
+    keys = TINY | {"method": method, "num-clients": num_clients, "model": str(assets["model"]), "dataset": str(assets["data"]),
+                   "out-dir": str(out_dir)} | {k.replace("_", "-"): v for k, v in overrides.items()}
+    return " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in keys.items())
+
+
+def run_and_check(fed, assets, method, out_dir, num_clients):
+    """Submit a short run, wait for its final status, and check what the ServerApp wrote."""
+    run_id = fed.submit(ROOT, run_config(assets, method, out_dir, num_clients))
+    status = fed.wait(run_id)
+    assert status == "finished:completed", f"{status}\n{fed.log('superlink')[-3000:]}"
+    (ledger_file,) = list(out_dir.rglob("ledger.json"))  # the run dir's name holds the model path
+    run_dir = ledger_file.parent
+    result = ledger.load(ledger_file)
+    assert result["status"] == "completed" and len(result["rounds"]) == 2
+    assert sorted(c["partition_id"] for c in result["rounds"][1]["clients"]) == list(range(num_clients))
+    assert not result["rounds"][1].get("skipped")
+    return run_id, run_dir
+
+
+def _stopped(fed):
+    """Stop the federation; no process it started (SuperExec, ServerApp, ClientApp ones included) is left."""
+    started = [psutil.Process(p.pid) for p in fed.procs.values() if psutil.pid_exists(p.pid)]
+    started += [c for p in started for c in p.children(recursive=True)]
+    fed.stop()
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, assets):
+    """3 SuperNodes over plain HTTP: two hold partitions of the run's dataset, one its own CSV file."""
+    root = tmp_path_factory.mktemp("plain")
+    fed = loopback.Loopback(root).start()
+    try:
+        for i in range(2):
+            fed.add_node(f"node{i}", {"partition-id": i, "num-partitions": 2, "state-dir": str(root / f"state{i}")})
+        fed.add_node("node2", {"partition-id": 2, "data-path": str(assets["own"]), "state-dir": str(root / "state2")})
+        yield fed
+    finally:
+        _stopped(fed)
+
+
+def test_cola_and_lte_runs_on_a_plain_deployment(plain, assets, tmp_path):
+    run_id, run_dir = run_and_check(plain, assets, "cola", tmp_path / "cola", 3)
+    with safe_open(str(run_dir / "final.safetensors"), "pt") as f:
+        assert len({k.split("/", 1)[0] for k in f.keys()}) == 3  # one set of auxiliary models per node
+    for i in range(3):  # query, fit, evaluation query: each saved after it was handled
+        saved = state.read(state.state_path(plain.root / f"state{i}", run_id))
+        assert dict(saved.config_records[state.NODE]) == {"messages": 3, "restores": 0, "server-round": 1}
+        assert "cola.adapters" in saved.array_records and "cola.optimizer" in saved.array_records
+    run_and_check(plain, assets, "lte", tmp_path / "lte", 3)
+
+
+def _messages(path: Path) -> int:
+    return int(state.read(path).config_records[state.NODE]["messages"]) if path.exists() else 0
+
+
+def test_killed_supernode_run_goes_on_and_restarted_node_resumes_from_its_state(plain, assets, tmp_path):
+    """SIGKILL a SuperNode (and its ClientApp process) right after its first ColA update: the server
+    skips the dead node's replies (logged, ledger ``skipped``) and finishes with the others; the
+    restarted SuperNode (same node config, a new node id) loads its saved state and rejoins under its
+    adapter id, whose old node leaves the merged mean."""
+    out = tmp_path / "kill"
+    run_id = plain.submit(ROOT, run_config(assets, "cola", out, 3, local_steps=3))
+    saved = state.state_path(plain.root / "state1", run_id)
+    deadline = time.time() + 600
+    while _messages(saved) < 2:  # query + fit of the first interval handled and saved
+        assert time.time() < deadline, plain.log("node1")[-3000:]
+        time.sleep(0.2)
+    plain.kill("node1")
+    at_kill = _messages(saved)
+    plain.add_node("node1", {"partition-id": 1, "num-partitions": 2, "state-dir": str(plain.root / "state1")})
+    assert plain.wait(run_id) == "finished:completed", plain.log("superlink")[-3000:]
+    node = dict(state.read(saved).config_records[state.NODE])
+    assert node["restores"] == 1 and node["messages"] > at_kill
+    assert "restored client state of run" in plain.log("node1")
+    (ledger_file,) = list(out.rglob("ledger.json"))
+    result = ledger.load(ledger_file)
+    assert result["status"] == "completed"
+    assert any("unavailable" in s["reason"].lower() for s in result["rounds"][1]["skipped"]), result["rounds"][1].get("skipped")
+    with safe_open(str(ledger_file.parent / "final.safetensors"), "pt") as f:
+        assert len({k.split("/", 1)[0] for k in f.keys()}) == 3  # partition 1 once, under its new node id
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory, assets):
+    """TLS (a CA and a server certificate with SANs for 127.0.0.1 / localhost) and SuperNode
+    authentication: two registered ECDSA keys, and one key that was never registered."""
+    root = tmp_path_factory.mktemp("secure")
+    tls = loopback.make_tls(root / "certs")
+    fed = loopback.Loopback(root, tls=tls, auth=True).start()
+    try:
+        keys = [loopback.make_node_key(root / "keys", f"node{i}") for i in range(3)]
+        registered = {fed.register(keys[i].with_suffix(".pub")) for i in range(2)}
+        for i in range(2):
+            fed.add_node(f"node{i}", {"partition-id": i, "num-partitions": 2}, key=keys[i])
+        yield SimpleNamespace(fed=fed, registered=registered, stranger=keys[2])
+    finally:
+        _stopped(fed)
+
+
+def test_cola_and_lte_runs_with_tls_and_supernode_authentication(secure, assets, tmp_path):
+    run_and_check(secure.fed, assets, "cola", tmp_path / "cola", 2)
+    run_and_check(secure.fed, assets, "lte", tmp_path / "lte", 2)
+    assert {int(n["node-id"]) for n in secure.fed.nodes() if n["status"] == "online"} == secure.registered
+
+
+def test_unregistered_supernode_is_refused(secure):
+    proc = secure.fed.add_node("stranger", {"partition-id": 5, "num-partitions": 6}, key=secure.stranger)
+    assert proc.wait(timeout=120) != 0
+    secure.fed.procs.pop("stranger")
+    assert "Failed to initialize the connection to the SuperLink" in secure.fed.log("stranger")
+    assert {int(n["node-id"]) for n in secure.fed.nodes()} == secure.registered
