@@ -67,7 +67,9 @@ def query(msg: Message, context: Context, config: dict, partition: tuple[int, in
 
 
 def fit(msg: Message, context: Context, config: dict, partition: tuple[int, int]) -> Message:
-    """Step 5: one gradient-learning update per adaptation interval from the server's (x, G)."""
+    """Step 5: one gradient-learning update per adaptation interval from the server's (x, G), on the
+    layers the message carries (Green-ColA: ``control["layers"]``); the reply reports each trained
+    layer's importance I_m = -sum(g_m * dw_m) of this update."""
     pid, _ = partition
     control = msg.content.config_records["control"]
     sync(context, config, control)
