@@ -10,17 +10,19 @@ by FlopCounterMode in ``ColaServer.hidden_grads``, bytes sent to clients, valida
 first 1000 validation examples, and Green-ColA's selection per round.
 
 Run: ``python -m simulations.green_cola_bench [--seeds 0,1 --rho 0.5]``; writes
-``docs/green/green_cola.{json,md,png}`` after every run (a rerun skips the runs already recorded).
+``docs/green/green_cola.{json,md,png}`` after every run. Each run's directory is
+``runs/green_cola_bench/<arm>-seed<s>``; a completed ledger found there is read instead of running
+again, so runs can also be started by hand (e.g. both arms of a seed at once) with the same command
+line as `run` uses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from fedcola.ledger import atomic_write_text
@@ -30,23 +32,28 @@ TOML = "simulations/cola_minilm_rt.toml"
 TARGET_CUT, TARGET_POINTS = 0.40, 1.0
 
 
-def run(seed: int, rho: float) -> dict:
-    """One Flower simulation; the figures of its ledger."""
-    with tempfile.TemporaryDirectory() as tmp:
-        args = [sys.executable, "-m", "fedcola.cli", "run", TOML, "--run-dir", tmp, "--set", f"seed={seed}", "--set", f"cola.green-rho={rho}"]
-        t0 = time.time()
+def run(seed: int, rho: float, runs_dir: Path) -> dict:
+    """One Flower simulation (or its completed ledger from an earlier call); the figures of its ledger."""
+    run_dir = runs_dir / f"{arm_name(rho)}-seed{seed}"
+    path = run_dir / "ledger.json"
+    if not (path.exists() and json.loads(path.read_text())["status"] == "completed"):
+        args = [sys.executable, "-m", "fedcola.cli", "run", TOML, "--run-dir", str(run_dir), "--set", f"seed={seed}", "--set", f"cola.green-rho={rho}"]
         subprocess.run(args, cwd=ROOT, check=True)
-        wall = time.time() - t0
-        ledger = json.loads((Path(tmp) / "ledger.json").read_text())
+    ledger = json.loads(path.read_text())
     rounds = [r for r in ledger["rounds"] if r["round"] > 0]
     return {
-        "seed": seed, "rho": rho, "wall_time_s": wall,
+        "seed": seed, "rho": rho, "wall_time_s": sum(r["wall_time_s"] for r in ledger["rounds"]), "intervals_per_round": ledger["config"]["local-steps"],
         "accuracy": [r["server"]["accuracy"] for r in ledger["rounds"]],
         "server_flops": sum(r["server"]["flops"] for r in rounds),
         "server_backward_flops": sum(r["server"]["backward_flops"] for r in rounds),
         "bytes_down": sum(c["bytes_down"] for r in rounds for c in r["clients"]),
         "selection": [r["server"].get("green") for r in rounds],
     }
+
+
+def short(layer: str) -> str:
+    """``bert.encoder.layer.3.attention.self.query`` -> ``3.query``."""
+    return re.sub(r"^.*layer\.(\d+)\..*\.(\w+)$", r"\1.\2", layer)
 
 
 def arm_name(rho: float) -> str:
@@ -65,7 +72,7 @@ def report(result: dict, out: Path) -> None:
         f"{result['rho']:g} of the server backward, re-selected every round (the first interval of each round is a probe "
         "with every layer). FLOPs counted by FlopCounterMode on the server; accuracy on the first 1000 validation "
         "examples after the last round. Regenerate: `python -m simulations.green_cola_bench`.", "",
-        "| seed | arm | accuracy per round | server backward GFLOPs | server total GFLOPs | MB to clients | wall s |",
+        "| seed | arm | accuracy per round | server backward GFLOPs | server total GFLOPs | MB to clients | server wall s |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(runs, key=lambda r: (r["seed"], r["arm"] != plain)):
@@ -79,18 +86,23 @@ def report(result: dict, out: Path) -> None:
         holds = mean_cut >= TARGET_CUT and mean_drop <= TARGET_POINTS
         result["summary"] = {"backward_cut": cut, "accuracy_drop_points": drop, "bytes_down_ratio": bytes_ratio,
                              "mean_backward_cut": mean_cut, "mean_accuracy_drop_points": mean_drop, "target_holds": holds}
-        selections = [s["selected"] for _, g in pairs for s in g["selection"] if s]
+        predicted = [1 - sum(s["probe_intervals"] + (g["intervals_per_round"] - s["probe_intervals"]) * s["backward_fraction"] for s in g["selection"])
+                     / (g["intervals_per_round"] * len(g["selection"])) for _, g in pairs]
         lines += [
             "", f"Paired over {len(pairs)} seed(s):", "",
             f"- server backward FLOPs cut: {', '.join(f'{100 * c:.1f}%' for c in cut)} (mean {100 * mean_cut:.1f}%; target >= {100 * TARGET_CUT:.0f}%)",
             f"- accuracy loss: {', '.join(f'{d:+.1f}' for d in drop)} points (mean {mean_drop:+.1f}; target <= {TARGET_POINTS:g} point)",
+            f"- predicted by the layer profile (probe intervals at full cost, the others at the selection's profiled fraction): "
+            f"{', '.join(f'{100 * c:.1f}%' for c in predicted)}",
             f"- bytes to clients (x, G pairs): {', '.join(f'{b:.2f}x' for b in bytes_ratio)} of plain ColA",
             f"- target (>= {100 * TARGET_CUT:.0f}% cut at <= {TARGET_POINTS:g} point loss, mean over seeds): **{'holds' if holds else 'does not hold'}**",
-            "", "Selections (per round, layers in module order):", "",
-            *[f"- {', '.join(s)}" for s in selections],
+            "", "Green-ColA's selections (`<block>.<projection>`; made after each round's probe interval):", "",
+            *[f"- seed {g['seed']}, round {i + 1}: {', '.join(map(short, s['selected']))} ({100 * s['backward_fraction']:.0f}% of the backward)"
+              for _, g in pairs for i, s in enumerate(g["selection"])],
         ]
-    lines += ["", "The machine was shared with other engineers' jobs: wall times are inflated and only comparable within "
-              "a seed (the arms of a seed ran back to back). One run's accuracy has a standard error of about 1.3 points "
+    lines += ["", "The machine was shared with other engineers' jobs (load average 20-40 on 2 cores): wall times (the server's, "
+              "summed over rounds, evaluation included) are inflated and not comparable between arms; FLOPs are counted, "
+              "not timed, so they do not depend on the load. One run's accuracy has a standard error of about 1.3 points "
               "(1000 validation examples), so a paired difference of one seed is about +-1.8 points of noise."]
     atomic_write_text(out / "green_cola.json", json.dumps(result, indent=1))
     atomic_write_text(out / "green_cola.md", "\n".join(lines) + "\n")
@@ -118,6 +130,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--rho", type=float, default=0.5)
     p.add_argument("--out", default="docs/green")
+    p.add_argument("--runs", default="runs/green_cola_bench")
     args = p.parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +143,7 @@ def main() -> None:
             if any(r["seed"] == seed and r["arm"] == arm_name(rho) for r in result["runs"]):
                 continue
             print(f"== seed {seed}, {arm_name(rho)}", flush=True)
-            result["runs"].append({"arm": arm_name(rho), **run(seed, rho)})
+            result["runs"].append({"arm": arm_name(rho), **run(seed, rho, ROOT / args.runs)})
             report(result, out)
     print((out / "green_cola.md").read_text())
 
