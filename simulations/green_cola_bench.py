@@ -41,14 +41,24 @@ def run(seed: int, rho: float, runs_dir: Path) -> dict:
         subprocess.run(args, cwd=ROOT, check=True)
     ledger = json.loads(path.read_text())
     rounds = [r for r in ledger["rounds"] if r["round"] > 0]
-    return {
+    return {  # per round 1..R (accuracy: 0..R)
         "seed": seed, "rho": rho, "wall_time_s": sum(r["wall_time_s"] for r in ledger["rounds"]), "intervals_per_round": ledger["config"]["local-steps"],
         "accuracy": [r["server"]["accuracy"] for r in ledger["rounds"]],
-        "server_flops": sum(r["server"]["flops"] for r in rounds),
-        "server_backward_flops": sum(r["server"]["backward_flops"] for r in rounds),
-        "bytes_down": sum(c["bytes_down"] for r in rounds for c in r["clients"]),
+        "server_flops": [r["server"]["flops"] for r in rounds],
+        "server_backward_flops": [r["server"]["backward_flops"] for r in rounds],
+        "bytes_down": [sum(c["bytes_down"] for c in r["clients"]) for r in rounds],
+        "skipped": [len(r["skipped"]) for r in rounds],
         "selection": [r["server"].get("green") for r in rounds],
     }
+
+
+def clean_rounds(*runs: dict) -> int:
+    """R: rounds 1..R of every run had no skipped reply (a client lost, e.g. to the OOM killer of a
+    shared machine, changes what is trained and computed, so later rounds do not compare)."""
+    r = 0
+    while r < min(len(run["skipped"]) for run in runs) and all(run["skipped"][r] == 0 for run in runs):
+        r += 1
+    return r
 
 
 def short(layer: str) -> str:
@@ -71,34 +81,40 @@ def report(result: dict, out: Path) -> None:
         "3 rounds x 20 intervals, AdamW lr 2e-3); Green-ColA at rho = "
         f"{result['rho']:g} of the server backward, re-selected every round (the first interval of each round is a probe "
         "with every layer). FLOPs counted by FlopCounterMode on the server; accuracy on the first 1000 validation "
-        "examples after the last round. Regenerate: `python -m simulations.green_cola_bench`.", "",
-        "| seed | arm | accuracy per round | server backward GFLOPs | server total GFLOPs | MB to clients | server wall s |",
-        "|---|---|---|---|---|---|---|",
+        "examples after each round. Regenerate: `python -m simulations.green_cola_bench`.", "",
+        "| seed | arm | accuracy per round | server backward GFLOPs per round | server total GFLOPs per round | MB to clients per round | skipped replies per round | server wall s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(runs, key=lambda r: (r["seed"], r["arm"] != plain)):
-        lines.append(f"| {r['seed']} | {r['arm']} | {' / '.join(f'{a:.3f}' for a in r['accuracy'])} | {r['server_backward_flops'] / 1e9:.0f} | "
-                     f"{r['server_flops'] / 1e9:.0f} | {r['bytes_down'] / 1e6:.1f} | {r['wall_time_s']:.0f} |")
+        lines.append(f"| {r['seed']} | {r['arm']} | {' / '.join(f'{a:.3f}' for a in r['accuracy'])} | {' / '.join(f'{f / 1e9:.0f}' for f in r['server_backward_flops'])} | "
+                     f"{' / '.join(f'{f / 1e9:.0f}' for f in r['server_flops'])} | {' / '.join(f'{b / 1e6:.0f}' for b in r['bytes_down'])} | "
+                     f"{' / '.join(map(str, r['skipped']))} | {r['wall_time_s']:.0f} |")
+    pairs = [(p, g, clean_rounds(p, g)) for p, g in pairs]
+    pairs = [(p, g, n) for p, g, n in pairs if n > 0]
     if pairs:
-        cut = [1 - g["server_backward_flops"] / p["server_backward_flops"] for p, g in pairs]
-        drop = [100 * (p["accuracy"][-1] - g["accuracy"][-1]) for p, g in pairs]
-        bytes_ratio = [g["bytes_down"] / p["bytes_down"] for p, g in pairs]
+        cut = [1 - sum(g["server_backward_flops"][:n]) / sum(p["server_backward_flops"][:n]) for p, g, n in pairs]
+        drop = [100 * (p["accuracy"][n] - g["accuracy"][n]) for p, g, n in pairs]
+        bytes_ratio = [sum(g["bytes_down"][:n]) / sum(p["bytes_down"][:n]) for p, g, n in pairs]
         mean_cut, mean_drop = sum(cut) / len(cut), sum(drop) / len(drop)
+        full = all(n == len(p["skipped"]) == len(g["skipped"]) for p, g, n in pairs)
         holds = mean_cut >= TARGET_CUT and mean_drop <= TARGET_POINTS
-        result["summary"] = {"backward_cut": cut, "accuracy_drop_points": drop, "bytes_down_ratio": bytes_ratio,
-                             "mean_backward_cut": mean_cut, "mean_accuracy_drop_points": mean_drop, "target_holds": holds}
-        predicted = [1 - sum(s["probe_intervals"] + (g["intervals_per_round"] - s["probe_intervals"]) * s["backward_fraction"] for s in g["selection"])
-                     / (g["intervals_per_round"] * len(g["selection"])) for _, g in pairs]
+        result["summary"] = {"clean_rounds": [n for _, _, n in pairs], "backward_cut": cut, "accuracy_drop_points": drop, "bytes_down_ratio": bytes_ratio,
+                             "mean_backward_cut": mean_cut, "mean_accuracy_drop_points": mean_drop, "target_holds": holds, "all_rounds_clean": full}
+        predicted = [1 - sum(s["probe_intervals"] + (g["intervals_per_round"] - s["probe_intervals"]) * s["backward_fraction"] for s in g["selection"][:n])
+                     / (g["intervals_per_round"] * n) for _, g, n in pairs]
         lines += [
-            "", f"Paired over {len(pairs)} seed(s):", "",
+            "", f"Paired over {len(pairs)} seed(s), each compared over the rounds in which neither arm lost a reply "
+            f"(rounds 1..{', 1..'.join(str(n) for _, _, n in pairs)}; accuracy after the last of them):", "",
             f"- server backward FLOPs cut: {', '.join(f'{100 * c:.1f}%' for c in cut)} (mean {100 * mean_cut:.1f}%; target >= {100 * TARGET_CUT:.0f}%)",
             f"- accuracy loss: {', '.join(f'{d:+.1f}' for d in drop)} points (mean {mean_drop:+.1f}; target <= {TARGET_POINTS:g} point)",
             f"- predicted by the layer profile (probe intervals at full cost, the others at the selection's profiled fraction): "
             f"{', '.join(f'{100 * c:.1f}%' for c in predicted)}",
             f"- bytes to clients (x, G pairs): {', '.join(f'{b:.2f}x' for b in bytes_ratio)} of plain ColA",
-            f"- target (>= {100 * TARGET_CUT:.0f}% cut at <= {TARGET_POINTS:g} point loss, mean over seeds): **{'holds' if holds else 'does not hold'}**",
+            f"- target (>= {100 * TARGET_CUT:.0f}% cut at <= {TARGET_POINTS:g} point loss, mean over seeds): **{'holds' if holds else 'does not hold'}**"
+            + ("" if full else " over the clean rounds only (see the skipped replies above)"),
             "", "Green-ColA's selections (`<block>.<projection>`; made after each round's probe interval):", "",
             *[f"- seed {g['seed']}, round {i + 1}: {', '.join(map(short, s['selected']))} ({100 * s['backward_fraction']:.0f}% of the backward)"
-              for _, g in pairs for i, s in enumerate(g["selection"])],
+              for _, g, _ in pairs for i, s in enumerate(g["selection"])],
         ]
     lines += ["", "The machine was shared with other engineers' jobs (load average 20-40 on 2 cores): wall times (the server's, "
               "summed over rounds, evaluation included) are inflated and not comparable between arms; FLOPs are counted, "
@@ -111,13 +127,16 @@ def report(result: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, marker in ((plain, "o"), (green, "s")):
-        pts = [(r["server_backward_flops"] / 1e12, r["accuracy"][-1]) for r in runs if r["arm"] == name]
-        if pts:
-            ax.scatter(*zip(*pts), marker=marker, s=50, label=name)
-    ax.set(xlabel="server backward TFLOPs (3 rounds, measured)", ylabel="validation accuracy (final)",
-           title="Green-ColA vs ColA (MiniLM, rotten_tomatoes)")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in sorted(runs, key=lambda r: (r["seed"], r["arm"])):
+        x = [0.0]
+        for f in r["server_backward_flops"]:
+            x.append(x[-1] + f / 1e12)
+        line, = ax.plot(x, r["accuracy"], "o-" if r["arm"] == plain else "s--", label=f"{r['arm']}, seed {r['seed']}")
+        lost = [i + 1 for i, n in enumerate(r["skipped"]) if n]
+        ax.scatter([x[i] for i in lost], [r["accuracy"][i] for i in lost], s=120, facecolors="none", edgecolors="red", zorder=3)
+    ax.set(xlabel="server backward TFLOPs (cumulative, counted)", ylabel="validation accuracy after each round",
+           title="Green-ColA vs ColA (MiniLM, rotten_tomatoes); red ring: replies lost")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
