@@ -10,7 +10,8 @@ by FlopCounterMode in ``ColaServer.hidden_grads``, bytes sent to clients, valida
 first 1000 validation examples, and Green-ColA's selection per round.
 
 Run: ``python -m simulations.green_cola_bench [--seeds 0,1 --rho 0.5]``; writes
-``docs/green/green_cola.{json,md,png}`` after every run. Each run's directory is
+``docs/green/green_cola.{json,md,png}`` after every run (``--report-only``: from the completed
+ledgers alone, starting no run). Each run's directory is
 ``runs/green_cola_bench/<arm>-seed<s>``; a completed ledger found there is read instead of running
 again, so runs can also be started by hand (e.g. both arms of a seed at once) with the same command
 line as `run` uses.
@@ -32,11 +33,14 @@ TOML = "simulations/cola_minilm_rt.toml"
 TARGET_CUT, TARGET_POINTS = 0.40, 1.0
 
 
-def run(seed: int, rho: float, runs_dir: Path) -> dict:
-    """One Flower simulation (or its completed ledger from an earlier call); the figures of its ledger."""
+def run(seed: int, rho: float, runs_dir: Path, report_only: bool = False) -> dict | None:
+    """One Flower simulation (or its completed ledger from an earlier call); the figures of its ledger.
+    None when `report_only` and there is no completed ledger."""
     run_dir = runs_dir / f"{arm_name(rho)}-seed{seed}"
     path = run_dir / "ledger.json"
     if not (path.exists() and json.loads(path.read_text())["status"] == "completed"):
+        if report_only:
+            return None
         args = [sys.executable, "-m", "fedcola.cli", "run", TOML, "--run-dir", str(run_dir), "--set", f"seed={seed}", "--set", f"cola.green-rho={rho}"]
         subprocess.run(args, cwd=ROOT, check=True)
     ledger = json.loads(path.read_text())
@@ -150,21 +154,20 @@ def main() -> None:
     p.add_argument("--rho", type=float, default=0.5)
     p.add_argument("--out", default="docs/green")
     p.add_argument("--runs", default="runs/green_cola_bench")
+    p.add_argument("--report-only", action="store_true", help="only read completed ledgers, start no run")
     args = p.parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "green_cola.json"
-    result = json.loads(path.read_text()) if path.exists() else {"rho": args.rho, "runs": []}
-    if result["rho"] != args.rho:
-        result = {"rho": args.rho, "runs": []}
+    result = {"rho": args.rho, "runs": []}
     for seed in (int(s) for s in args.seeds.split(",")):
         for rho in (1.0, args.rho):
-            if any(r["seed"] == seed and r["arm"] == arm_name(rho) for r in result["runs"]):
-                continue
             print(f"== seed {seed}, {arm_name(rho)}", flush=True)
-            result["runs"].append({"arm": arm_name(rho), **run(seed, rho, ROOT / args.runs)})
-            report(result, out)
-    print((out / "green_cola.md").read_text())
+            figures = run(seed, rho, ROOT / args.runs, args.report_only)
+            if figures is not None:
+                result["runs"].append({"arm": arm_name(rho), **figures})
+                report(result, out)
+    if result["runs"]:
+        print((out / "green_cola.md").read_text())
 
 
 if __name__ == "__main__":
