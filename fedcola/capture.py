@@ -25,7 +25,7 @@ Three forwards (see `fedcola.cola` for when each is used):
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -66,11 +66,18 @@ class Capture:
     """Context manager: forward hooks on `targets` record each layer's input x_m and output h_m.
 
     Use: `with Capture(targets, router) as cap: loss = ...; pairs = cap.pairs(loss)`.
+    `record` (default: every target) limits which layers are recorded (Green-ColA's selection):
+    the Router still runs at every target, but only recorded outputs can become the leaf where
+    backward stops, so it stops at the deepest recorded layer.
     """
 
-    def __init__(self, targets: Mapping[str, nn.Module], router: Router | None = None) -> None:
+    def __init__(self, targets: Mapping[str, nn.Module], router: Router | None = None, record: Collection[str] | None = None) -> None:
         self.targets = targets
         self.router = router
+        self.record = set(targets) if record is None else set(record)
+        unknown = self.record - set(targets)
+        if unknown:
+            raise ValueError(f"layers to record are not adapted layers: {sorted(unknown)}")
         self.inputs: dict[str, Tensor] = {}
         self.outputs: dict[str, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -82,6 +89,8 @@ class Capture:
             x = args[0]
             if self.router is not None:
                 out = self.router(layer, x, out)
+            if layer not in self.record:
+                return out
             if not out.requires_grad:  # lowest adapted layer(s): make h_m a leaf, backward stops here
                 out = out.detach().requires_grad_(True)
             self.inputs[layer] = x.detach()
@@ -104,7 +113,7 @@ class Capture:
 
     def pairs(self, loss: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """{layer: (x_m, G_m = dloss/dh_m)} at full (batch, ...) shape; G_m = 0 if h_m is unused."""
-        missing = [n for n in self.targets if n not in self.outputs]
+        missing = [n for n in self.targets if n in self.record and n not in self.outputs]
         if missing:
             raise RuntimeError(f"adapted layers never ran in the forward: {missing}")
         names = list(self.outputs)

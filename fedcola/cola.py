@@ -25,7 +25,7 @@ client k's personal model W + dW_k.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
 from fedcola.adapters import Adapter, Linear, find_targets
+from fedcola import train  # noqa: F401  (registers FlopCounterMode's CPU attention formulas)
 from fedcola.capture import Capture, Router, token_rows
 
 Mode = Literal["merged", "unmerged", "detached"]
@@ -50,6 +52,8 @@ class HiddenGrads:
     pairs: dict[Hashable, dict[str, tuple[Tensor, Tensor]]]
     loss: dict[Hashable, float]
     logits: dict[Hashable, Tensor]
+    forward_flops: int = 0  # counted by FlopCounterMode: forward + loss (the merge W + mean dW not included)
+    backward_flops: int = 0  # counted by FlopCounterMode: the hidden-gradient backward
 
 
 def client_losses(logits: Tensor, labels: Tensor, sizes: Sequence[int]) -> list[Tensor]:
@@ -123,12 +127,15 @@ class ColaServer:
         batches: Mapping[Hashable, Mapping[str, Tensor]],
         adapters: Mapping[Hashable, Mapping[str, Adapter]],
         weights: Mapping[Hashable, float] | None = None,
+        layers: Collection[str] | None = None,
     ) -> HiddenGrads:
         """One forward + backward over all clients' batches (each with "labels" and model inputs).
 
         `adapters[cid][layer]` are the clients' auxiliary models as the server knows them (merged:
         every client whose delta is in the shared model; unmerged/detached: every batch's owner).
-        `weights` only affects the merged mean. Returns each client's non-padding rows.
+        `weights` only affects the merged mean. `layers` (default: all) are the adapted layers whose
+        pairs are wanted (Green-ColA's selection): every auxiliary model still acts in the forward,
+        but backward stops at the deepest of `layers`. Returns each client's non-padding rows.
         """
         cids = list(batches)
         if self.mode != "merged" and not set(cids) <= set(adapters):
@@ -147,10 +154,12 @@ class ColaServer:
         else:
             router, overrides = Router(adapters, owners, detach=self.mode == "detached"), {}
 
-        with Capture(self.targets, router) as cap:
-            logits = functional_call(self.model, overrides, args=(), kwargs=batch, tie_weights=False).logits
-            losses = client_losses(logits, labels, sizes)
-            full = cap.pairs(torch.stack(losses).sum())
+        with Capture(self.targets, router, record=layers) as cap:
+            with FlopCounterMode(display=False) as forward:
+                logits = functional_call(self.model, overrides, args=(), kwargs=batch, tie_weights=False).logits
+                losses = client_losses(logits, labels, sizes)
+            with FlopCounterMode(display=False) as backward:
+                full = cap.pairs(torch.stack(losses).sum())
 
         mask = batch.get("attention_mask")
         masks = mask.split(sizes) if mask is not None else [None] * len(cids)
@@ -163,6 +172,8 @@ class ColaServer:
             pairs=pairs,
             loss={c: float(l.detach()) for c, l in zip(cids, losses)},
             logits=dict(zip(cids, logits.detach().split(sizes))),
+            forward_flops=int(forward.get_total_flops()),
+            backward_flops=int(backward.get_total_flops()),
         )
 
     def predictor(self, adapters: Mapping[Hashable, Mapping[str, Adapter]]) -> Callable[[Mapping[str, Tensor]], Tensor]:

@@ -67,12 +67,16 @@ def query(msg: Message, context: Context, config: dict, partition: tuple[int, in
 
 
 def fit(msg: Message, context: Context, config: dict, partition: tuple[int, int]) -> Message:
-    """Step 5: one gradient-learning update per adaptation interval from the server's (x, G)."""
+    """Step 5: one gradient-learning update per adaptation interval from the server's (x, G), on the
+    layers the message carries (Green-ColA: ``control["layers"]``); the reply reports each trained
+    layer's importance I_m = -sum(g_m * dw_m) of this update."""
     pid, _ = partition
-    sync(context, config, msg.content.config_records["control"])
+    control = msg.content.config_records["control"]
+    sync(context, config, control)
     client = load_client(context, config, pid)
     tensors = wire.unpack(msg.content.array_records["pairs"], config["cola.wire-dtype"])
-    pairs = cola_fl.pairs_from_payload(tensors, cola_fl.layer_dims(config), config["cola.interval"])
+    dims = cola_fl.selected_dims(config, control.get("layers"))  # Green-ColA: only the selected layers travel and train
+    pairs = cola_fl.pairs_from_payload(tensors, dims, config["cola.interval"])
     t0 = time.perf_counter()
     with FlopCounterMode(display=False) as counter:
         for batch_pairs in pairs:
@@ -81,6 +85,7 @@ def fit(msg: Message, context: Context, config: dict, partition: tuple[int, int]
     metrics = MetricRecord({
         "rows": sum(next(iter(p.values()))[0].shape[0] for p in pairs), "flops": int(counter.get_total_flops()),
         "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0, "partition-id": pid,
+        "importance": [client.importance.get(layer, 0.0) for layer in dims],  # I_m = -sum(g_m * dw_m) of this step (`gl.GLClient`)
     })
     adapter = context.state.array_records[ADAPTERS]
     if cola_fl.sends_changes(config):  # w - w_acked, see `cola.ParameterMean`

@@ -5,7 +5,8 @@ Record layouts (DESIGN.md, "ColA round"):
   * a client's batches: ArrayRecord ``"b<i>/input_ids"``, ``"b<i>/attention_mask"`` (int32),
     ``"b<i>/labels"`` (int64) for i < I, the adaptation interval.
   * hidden pairs: ArrayRecord ``"b<i>/<layer>/x"`` (rows, d_in), ``"b<i>/<layer>/G"`` (rows, d_out),
-    non-padding rows only, in the run's wire dtype.
+    non-padding rows only, in the run's wire dtype; with Green-ColA only for the selected layers,
+    listed in the message's ``control["layers"]``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ def _layer_dims(model: str, task: str, num_labels: int | None, targets: tuple[st
 def layer_dims(config: dict) -> dict[str, tuple[int, int]]:
     """{adapted layer: (d_in, d_out)}, read from the model's architecture only."""
     return _layer_dims(config["model"], config["task"], runtime.num_labels(config), tuple(targets_of(config)))
+
+
+def selected_dims(config: dict, layers: list[str] | None) -> dict[str, tuple[int, int]]:
+    """``layer_dims`` restricted to ``layers`` (Green-ColA's selection; None = every adapted layer)."""
+    dims = layer_dims(config)
+    if layers is None:
+        return dims
+    unknown = sorted(set(layers) - set(dims))
+    if unknown:
+        raise ValueError(f"selected layers are not adapted layers of this model: {unknown[:3]}")
+    return {layer: d for layer, d in dims.items() if layer in layers}
 
 
 def build_adapters(config: dict, seed: int) -> dict[str, ad.Adapter]:

@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Scalar] = {
     "cola.mlp-hidden": 128,
     "cola.wire-dtype": "fp16",
     "cola.weighting": "equal",
+    "cola.green-rho": 1.0,
+    "cola.green-every": 1,
     "lte.r": 8,
     "lte.alpha": 16.0,
     "lte.targets": "",
@@ -136,11 +138,11 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}")
-    for key in ("num-clients", "rounds", "local-steps", "batch-size", "lora.r", "cola.interval", "green.steps",
+    for key in ("num-clients", "rounds", "local-steps", "batch-size", "lora.r", "cola.interval", "cola.green-every", "green.steps",
                 "green.reselect-every", "green.importance-batches"):
         if config[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
-    for key in ("fraction-train", "green.rho"):
+    for key in ("fraction-train", "green.rho", "cola.green-rho"):
         if not 0.0 < config[key] <= 1.0:
             raise ConfigError(f"config key '{key}' must be in (0, 1], got {config[key]}")
     return config

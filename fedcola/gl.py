@@ -52,7 +52,11 @@ class GLClient:
     """A client's auxiliary models {layer: g_m} and their optimizer (state stays on the client).
 
     `step` accumulates VJP gradients over an adaptation interval of I batches (averaged, i.e. the
-    gradient of the mean loss over the I batches) and takes one optimizer step at the end.
+    gradient of the mean loss over the I batches) and takes one optimizer step at the end. Layers
+    absent from an interval's pairs get no gradient, so the optimizer leaves them and their state
+    alone (torch optimizers skip parameters whose .grad is None). `importance` holds, per layer
+    updated by the last optimizer step, GreenTrainer's I_m = -sum(g_m * dw_m) (arXiv 2309.13192,
+    Sec. 4.2) of that very step: nothing is undone, so neither weights nor optimizer state are disturbed.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class GLClient:
         make = optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-3))
         self.optimizer = make([p for a in self.adapters.values() for p in a.parameters()])
         self.pending = 0
+        self.importance: dict[str, float] = {}
 
     def _set_grads(self, layer: str, grads: Mapping[str, Tensor]) -> None:
         for name, p in self.adapters[layer].named_parameters():
@@ -75,7 +80,12 @@ class GLClient:
             p.grad = g if p.grad is None else p.grad + g
 
     def _optimizer_step(self) -> None:
+        """One optimizer step; records I_m = -sum(g_m * dw_m) for every layer that had a gradient."""
+        before = {layer: [(p, p.grad.detach().clone(), p.detach().clone()) for p in a.parameters() if p.grad is not None]
+                  for layer, a in self.adapters.items()}
         self.optimizer.step()
+        self.importance = {layer: -sum(float((g.double() * (p.detach().double() - w0.double())).sum()) for p, g, w0 in held)
+                           for layer, held in before.items() if held}
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self, pairs: Pairs) -> bool:

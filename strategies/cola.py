@@ -13,6 +13,11 @@ Use it in your own ServerApp::
 
 Replies with wrong shapes, dtypes, NaN/Inf, unknown layers or another client's adapter id are
 skipped with a logged reason; the interval goes on with the others.
+
+Green-ColA (``cola.green-rho`` < 1, `fedcola.green_cola`): per interval only the selected adapted layers
+are captured (the backward stops at the deepest one), their pairs travel, and the ``train.cola``
+message lists them in ``control["layers"]``; clients report each trained layer's importance in their
+reply's ``importance`` metric, from which the server re-selects after each probe interval.
 """
 
 from __future__ import annotations
@@ -29,11 +34,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
-from torch.utils.flop_counter import FlopCounterMode
 
 from fedcola import cola_fl, train, wire
 from fedcola.adapters import Adapter
 from fedcola.cola import ColaServer, ParameterMean
+from fedcola.green_cola import LayerSelector, layer_profile
 from fedcola.ledger import Ledger
 from strategies.screening import reply_problem, skip
 
@@ -57,9 +62,22 @@ class ColA(Strategy):
         self.vocab_size = vocab_size or server.model.config.vocab_size
         self.num_labels = num_labels
         self._costs: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self._server_flops = 0
+        self._server_flops = self._backward_flops = 0
         self._connected: set[int] = set()  # the nodes connected when this interval was configured
         self._step = 0  # the interval's global index: seeds client sampling and the clients' batch draws
+        self.green = self._green_selector() if config["cola.green-rho"] < 1.0 else None
+        self._layers: tuple[str, ...] | None = None  # this interval's selected layers (Green-ColA), None = all
+        self._reports: dict[int, dict[str, float]] = {}  # node -> {layer: importance} of this interval
+        self._probes = 0
+
+    def _green_selector(self) -> LayerSelector:
+        """Green-ColA's selector, profiled at the run's server batch: the sampled clients' batches of
+        ``data.max-length`` tokens (fixed-seed token ids)."""
+        c = self.config
+        rows = max(1, math.ceil(c["fraction-train"] * c["num-clients"])) * c["batch-size"]
+        ids = torch.randint(0, self.vocab_size, (rows, c["data.max-length"]), generator=torch.Generator().manual_seed(c["seed"]))
+        profile = layer_profile(self.server.model, self.server.targets, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        return LayerSelector(profile, c["cola.green-rho"], c["cola.green-every"])
 
     @property
     def known(self) -> set[int]:
@@ -84,6 +102,8 @@ class ColA(Strategy):
         c = self.config
         log(INFO, "\tColA: mode %s, %s auxiliary models on %d layers, interval I=%d, wire %s",
             self.server.mode, c["cola.adapter"], len(self.dims), c["cola.interval"], c["cola.wire-dtype"])
+        if self.green is not None:
+            log(INFO, "\tGreen-ColA: rho %g of the server backward, re-selected every %d round(s)", self.green.rho, self.green.every)
 
     # --- step 1/2: query ------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -173,14 +193,15 @@ class ColA(Strategy):
 
     # --- step 3/4: hidden gradients -------------------------------------------------------------
     def hidden_pairs(self, batches: dict[int, list[dict[str, torch.Tensor]]]) -> dict[int, list[dict]]:
-        """One forward + backward per batch index over all clients' batches; per-client rows of (x, G)."""
+        """One forward + backward per batch index over all clients' batches; per-client rows of (x, G)
+        (of the interval's selected layers only, with Green-ColA)."""
         weights = self.examples if self.config["cola.weighting"] == "examples" and self.mean is None else None
         known = self.adapter_sets() if self.server.mode == "merged" else {n: self.adapters[n] for n in batches}
         out: dict[int, list[dict]] = {n: [] for n in batches}
         for i in range(self.config["cola.interval"]):
-            with FlopCounterMode(display=False) as counter:
-                hg = self.server.hidden_grads({n: b[i] for n, b in batches.items()}, known, weights)
-            self._server_flops += counter.get_total_flops()
+            hg = self.server.hidden_grads({n: b[i] for n, b in batches.items()}, known, weights, layers=self._layers)
+            self._server_flops += hg.forward_flops + hg.backward_flops
+            self._backward_flops += hg.backward_flops
             for n in batches:
                 out[n].append(hg.pairs[n])
                 labels = batches[n][i]["labels"]
@@ -196,7 +217,8 @@ class ColA(Strategy):
         for node, per_batch in pairs.items():
             record = wire.pack(cola_fl.pairs_payload(per_batch), self.config["cola.wire-dtype"])
             self._costs[node]["bytes_down"] += wire.nbytes(record)
-            messages.append(Message(RecordDict({"pairs": record, "config": config, "control": self._control(node)}), dst_node_id=node, message_type=FIT))
+            control = self._control(node) if self._layers is None else self._control(node, layers=list(self._layers))
+            messages.append(Message(RecordDict({"pairs": record, "config": config, "control": control}), dst_node_id=node, message_type=FIT))
             self.synced[node] = False  # until its reply is taken
         return messages
 
@@ -210,6 +232,8 @@ class ColA(Strategy):
             problem = reply_problem(msg, self.template, required=FIT_METRICS, arrays_key="adapter")
             if problem is None:
                 problem = self._check_owner(node, int(msg.content.metric_records["metrics"]["partition-id"]))
+            if problem is None and self.green is not None:
+                problem = self._take_importance(node, msg.content.metric_records["metrics"])
             if problem is not None:
                 skip(server_round, node, problem, self.ledger)
                 continue
@@ -226,6 +250,26 @@ class ColA(Strategy):
             cost["peak_memory_bytes"] = max(cost["peak_memory_bytes"], int(m["peak-memory-bytes"]))
             kept += 1
         return None, MetricRecord({"clients": kept})
+
+    def _take_importance(self, node: int, metrics: MetricRecord) -> str | None:
+        """Keep a reply's per-layer importance (Green-ColA), or say why it is unusable."""
+        layers = self._layers or tuple(self.dims)
+        values = metrics.get("importance")
+        if not isinstance(values, list) or len(values) != len(layers) or not all(math.isfinite(v) for v in values):
+            return f"importance metric must be {len(layers)} finite values, one per trained layer"
+        self._reports[node] = dict(zip(layers, map(float, values)))
+        return None
+
+    def _select(self, server_round: int) -> None:
+        """After a probe interval: re-select the layers from the clients' importance reports."""
+        weights = {n: self.examples[n] if self.config["cola.weighting"] == "examples" else 1.0 for n in self._reports}
+        try:
+            if not self.green.update(self._reports, weights):
+                log(WARNING, "round %d: Green-ColA selected no layer (no positive importance); selection kept", server_round)
+        except ValueError as err:  # no usable report
+            log(WARNING, "round %d: Green-ColA selection kept: %s", server_round, err)
+        log(INFO, "round %d: Green-ColA selects %d of %d layers (%.3f of the server backward)",
+            server_round, len(self.green.selected), len(self.dims), self.green.backward_fraction)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Client-side evaluation: every client whose auxiliary models the server holds sends (a prefix
@@ -265,12 +309,16 @@ class ColA(Strategy):
                     **{k: v for k, v in cost.items() if k.startswith("eval_")},
                 })
         if self.ledger is not None:
-            self.ledger.server(server_round, flops=int(self._server_flops))
-        metrics = {"train-loss": sum(losses) / max(len(losses), 1), "server-flops": float(self._server_flops)}
+            green = {} if self.green is None else {"green": {
+                "selected": [layer for layer in self.dims if layer in self.green.selected], "backward_fraction": self.green.backward_fraction,
+                "probe_intervals": self._probes, "importance": None if self.green.importance is None else dict(zip(self.green.profile.names, self.green.importance.tolist()))}}
+            self.ledger.server(server_round, flops=int(self._server_flops), backward_flops=int(self._backward_flops), **green)
+        metrics = {"train-loss": sum(losses) / max(len(losses), 1), "server-flops": float(self._server_flops),
+                   "server-backward-flops": float(self._backward_flops)}
         if seen:
             metrics["train-accuracy"] = correct / seen
         self._costs.clear()
-        self._server_flops = 0
+        self._server_flops = self._backward_flops = self._probes = 0
         return MetricRecord(metrics)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, timeout: float = 3600,
@@ -296,8 +344,10 @@ class ColA(Strategy):
                 if not batches:
                     log(WARNING, "round %d step %d: no usable query reply; skipping the interval", rnd, step)
                     continue
+                self.begin_interval(rnd, step)
                 fit_replies = grid.send_and_receive(self.configure_fit(self.hidden_pairs(batches), config), timeout=timeout)
                 self.aggregate_train(rnd, fit_replies)
+                self.end_interval(rnd, step)
             replies = grid.send_and_receive(self.configure_evaluate(rnd, empty, config, grid), timeout=timeout)
             client_eval = self.aggregate_evaluate(rnd, replies)
             if client_eval is not None:
@@ -307,6 +357,17 @@ class ColA(Strategy):
             if evaluate_fn:
                 result.evaluate_metrics_serverapp[rnd] = evaluate_fn(rnd, empty)
         return result
+
+    def begin_interval(self, rnd: int, step: int) -> None:
+        """Green-ColA: the layers whose pairs this interval computes and sends (every layer in a probe)."""
+        self._layers = None if self.green is None else tuple(layer for layer in self.dims if layer in self.green.layers(rnd, step))
+        self._reports = {}
+
+    def end_interval(self, rnd: int, step: int) -> None:
+        """Green-ColA: after a probe interval, re-select from the clients' importance reports."""
+        if self.green is not None and self.green.probes(rnd, step):
+            self._probes += 1
+            self._select(rnd)
 
     def _wait_for_nodes(self, grid: Grid, timeout: float) -> None:
         """Wait (up to ``timeout``) until ``num-clients`` nodes are connected, as Flower's samplers do."""
