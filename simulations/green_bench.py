@@ -221,6 +221,19 @@ first selection does (its optimizer has no state yet). The live optimizer is not
 At step 50 the fresh-step importance kept the head positive on every batch tried and re-selected
 the step-0 set. `importance_batches` (mean gradient over several batches) stays available; the
 benchmark uses one batch, as the reference does.
+
+## What the fix did not fix
+
+With the fix the head is trained in every selection and GT-0.5 keeps the same 26 tensors all run
+(classifier, pooler, all of layer 5, the FFN and output of layer 4). It gained 3 points (0.644 ->
+0.674 in this run) and GT-0.7 1.6 points, but GT-0.5 is still about 11 points below full FT. So the
+dropped head was a bug, not the main cause. On this encoder the backward costs about twice the
+forward, so rho = 0.5 leaves a backward budget of rho (T_fp + T_bp) - T_fp, about a quarter of full
+backprop: roughly the top 1.3 of 6 layers. Trained at full FT's peak lr (5e-5) for 150 steps (0.23
+epoch), that subset learns much more slowly than the whole model; the paper's runs are several
+epochs long, on generative LLMs. Not measured yet (CPU time on a shared machine): longer runs, a
+learning rate tuned for the GreenTrainer arms (top-layer tuning tolerates a larger one, as LoRA's
+1e-3 does), and several seeds.
 """
 
 
