@@ -66,12 +66,12 @@ def _watch(ledger_path: Path, rounds: int, stop: threading.Event, task_metric: s
 def run_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
     """(config, run dir) of ``fedcola run``: from the TOML file and ``--set``, or, with ``--resume``,
     the resumed run's own config (only ``rounds`` may be set, to extend it)."""
-    from fedcola import server_app
-
     if not args.resume:
         if args.config is None:
             raise ValueError("fedcola run needs a TOML config (or --resume RUN_DIR)")
         return cfg.load(args.config, args.set or []), Path(args.run_dir) if args.run_dir else None
+    from fedcola import server_app
+
     if args.config or args.run_dir:
         raise ValueError("--resume takes the run's own config and directory; give no config file or --run-dir")
     sets = cfg.parse_sets(args.set or [])
