@@ -35,18 +35,21 @@ TARGET_CUT, TARGET_POINTS = 0.40, 1.0
 
 def run(seed: int, rho: float, runs_dir: Path, report_only: bool = False) -> dict | None:
     """One Flower simulation (or its completed ledger from an earlier call); the figures of its ledger.
-    None when `report_only` and there is no completed ledger."""
+    With `report_only`, an unfinished ledger is read as it is (its rounds so far), a missing one is None."""
     run_dir = runs_dir / f"{arm_name(rho)}-seed{seed}"
     path = run_dir / "ledger.json"
     if not (path.exists() and json.loads(path.read_text())["status"] == "completed"):
         if report_only:
-            return None
+            return None if not path.exists() else _figures(json.loads(path.read_text()), seed, rho)
         args = [sys.executable, "-m", "fedcola.cli", "run", TOML, "--run-dir", str(run_dir), "--set", f"seed={seed}", "--set", f"cola.green-rho={rho}"]
         subprocess.run(args, cwd=ROOT, check=True)
-    ledger = json.loads(path.read_text())
+    return _figures(json.loads(path.read_text()), seed, rho)
+
+
+def _figures(ledger: dict, seed: int, rho: float) -> dict:
     rounds = [r for r in ledger["rounds"] if r["round"] > 0]
     return {  # per round 1..R (accuracy: 0..R)
-        "seed": seed, "rho": rho, "wall_time_s": sum(r["wall_time_s"] for r in ledger["rounds"]), "intervals_per_round": ledger["config"]["local-steps"],
+        "seed": seed, "rho": rho, "completed": ledger["status"] == "completed", "wall_time_s": sum(r["wall_time_s"] for r in ledger["rounds"]), "intervals_per_round": ledger["config"]["local-steps"],
         "accuracy": [r["server"]["accuracy"] for r in ledger["rounds"]],
         "server_flops": [r["server"]["flops"] for r in rounds],
         "server_backward_flops": [r["server"]["backward_flops"] for r in rounds],
@@ -78,7 +81,8 @@ def report(result: dict, out: Path) -> None:
     """JSON + markdown + PNG of the runs so far."""
     runs = result["runs"]
     plain, green = arm_name(1.0), arm_name(result["rho"])
-    pairs = [(p, g) for p in runs if p["arm"] == plain for g in runs if g["arm"] == green and g["seed"] == p["seed"]]
+    done = [r for r in runs if r["completed"]]
+    pairs = [(p, g) for p in done if p["arm"] == plain for g in done if g["arm"] == green and g["seed"] == p["seed"]]
     lines = [
         "# Green-ColA vs plain ColA (server backward FLOPs, accuracy)", "",
         f"`{TOML}` (MiniLM + rotten_tomatoes, 4 iid clients x batch 16, merged low-rank r=8 on query/value/classifier, "
@@ -90,7 +94,7 @@ def report(result: dict, out: Path) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(runs, key=lambda r: (r["seed"], r["arm"] != plain)):
-        lines.append(f"| {r['seed']} | {r['arm']} | {' / '.join(f'{a:.3f}' for a in r['accuracy'])} | {' / '.join(f'{f / 1e9:.0f}' for f in r['server_backward_flops'])} | "
+        lines.append(f"| {r['seed']} | {r['arm']}{'' if r['completed'] else ' (unfinished)'} | {' / '.join(f'{a:.3f}' for a in r['accuracy'])} | {' / '.join(f'{f / 1e9:.0f}' for f in r['server_backward_flops'])} | "
                      f"{' / '.join(f'{f / 1e9:.0f}' for f in r['server_flops'])} | {' / '.join(f'{b / 1e6:.0f}' for b in r['bytes_down'])} | "
                      f"{' / '.join(map(str, r['skipped']))} | {r['wall_time_s']:.0f} |")
     pairs = [(p, g, clean_rounds(p, g)) for p, g in pairs]
@@ -123,7 +127,8 @@ def report(result: dict, out: Path) -> None:
     lines += ["", "The machine was shared with other engineers' jobs (load average 20-40 on 2 cores): wall times (the server's, "
               "summed over rounds, evaluation included) are inflated and not comparable between arms; FLOPs are counted, "
               "not timed, so they do not depend on the load. One run's accuracy has a standard error of about 1.3 points "
-              "(1000 validation examples), so a paired difference of one seed is about +-1.8 points of noise."]
+              "(1000 validation examples), so a paired difference of one seed is about +-1.8 points of noise. "
+              "Unfinished runs are listed with their rounds so far and left out of the comparison."]
     atomic_write_text(out / "green_cola.json", json.dumps(result, indent=1))
     atomic_write_text(out / "green_cola.md", "\n".join(lines) + "\n")
     import matplotlib
