@@ -45,6 +45,15 @@ def sync(context: Context, config: dict, control) -> None:
         context.state[ACKED] = context.state.array_records[ADAPTERS]
 
 
+def draw(config: dict, partition: tuple[int, int], step: int) -> tuple[ArrayRecord, int]:
+    """The I training batches of interval ``step`` (seeded by the step: the same batches whichever
+    message asks for them) and the size of the client's training split."""
+    pid, n = partition
+    part = runtime.client_split(config, pid, n)
+    loader = iter(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, step, pid)))
+    return cola_fl.batch_record([next(loader) for _ in range(config["cola.interval"])]), len(part)
+
+
 def query(msg: Message, context: Context, config: dict, partition: tuple[int, int]) -> Message:
     """Step 2: send I batches of this client's data (and its adapters when the server asks)."""
     pid, n = partition
@@ -55,12 +64,10 @@ def query(msg: Message, context: Context, config: dict, partition: tuple[int, in
     if control.get("split", "train") == "validation":  # client-side evaluation: (a prefix of) the local held-out split
         part = runtime.client_split(config, pid, n, "validation")
         part = part.select(range(min(len(part), config["eval.client-max-examples"])))
-        batches = list(runtime.loader(config, part, shuffle=False, seed=0))
+        batch, size = cola_fl.batch_record(list(runtime.loader(config, part, shuffle=False, seed=0))), len(part)
     else:
-        part = runtime.client_split(config, pid, n)
-        loader = iter(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, int(control["step"]), pid)))
-        batches = [next(loader) for _ in range(config["cola.interval"])]
-    content = RecordDict({"batch": cola_fl.batch_record(batches), "metrics": MetricRecord({"num-examples": len(part), "partition-id": pid})})
+        batch, size = draw(config, partition, int(control["step"]))
+    content = RecordDict({"batch": batch, "metrics": MetricRecord({"num-examples": size, "partition-id": pid})})
     if control["send-adapter"]:
         content["adapter"] = context.state.array_records[ADAPTERS]
     return Message(content, reply_to=msg)
@@ -69,7 +76,8 @@ def query(msg: Message, context: Context, config: dict, partition: tuple[int, in
 def fit(msg: Message, context: Context, config: dict, partition: tuple[int, int]) -> Message:
     """Step 5: one gradient-learning update per adaptation interval from the server's (x, G), on the
     layers the message carries (Green-ColA: ``control["layers"]``); the reply reports each trained
-    layer's importance I_m = -sum(g_m * dw_m) of this update."""
+    layer's importance I_m = -sum(g_m * dw_m) of this update and, when ``control["next-step"]`` asks,
+    carries the batches of that next interval (step 2 of the next interval without its own message)."""
     pid, _ = partition
     control = msg.content.config_records["control"]
     sync(context, config, control)
@@ -91,4 +99,8 @@ def fit(msg: Message, context: Context, config: dict, partition: tuple[int, int]
     if cola_fl.sends_changes(config):  # w - w_acked, see `cola.ParameterMean`
         acked = context.state.array_records[ACKED].to_torch_state_dict()
         adapter = ArrayRecord({k: v - acked[k] for k, v in adapter.to_torch_state_dict().items()})
-    return Message(RecordDict({"adapter": adapter, "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"adapter": adapter})
+    if "next-step" in control:
+        content["batch"], metrics["num-examples"] = draw(config, partition, int(control["next-step"]))
+    content["metrics"] = metrics
+    return Message(content, reply_to=msg)

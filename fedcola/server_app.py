@@ -8,6 +8,7 @@ the final weights (``<run_dir>/final.safetensors``) on disk.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,17 +47,20 @@ def make_evaluate_fn(config: dict, ledger: Ledger, model, run_dir: Path, round_o
         server_round += round_offset
         state = arrays.to_torch_state_dict()
         fedavg_lora.load_trainable(model, state)
-        metrics = _record_eval(ledger, server_round, train.evaluate(model, loader, config["task"]))
+        metrics = _record_eval(ledger, server_round, lambda: train.evaluate(model, loader, config["task"]))
         checkpoint.save(run_dir, server_round, state)
         return metrics
 
     return evaluate_fn
 
 
-def _record_eval(ledger: Ledger, server_round: int, metrics: dict[str, float]) -> MetricRecord:
+def _record_eval(ledger: Ledger, server_round: int, evaluate: Callable[[], dict[str, float]]) -> MetricRecord:
+    """Run the server-side evaluation, record its metrics and wall time (``eval_s``), end the round."""
     if server_round == 0:
         ledger.begin_round(0)
-    ledger.server(server_round, **{k: float(v) for k, v in metrics.items()}, peak_memory_bytes=train.peak_memory_bytes())
+    t0 = time.perf_counter()
+    metrics = evaluate()
+    ledger.server(server_round, **{k: float(v) for k, v in metrics.items()}, eval_s=time.perf_counter() - t0, peak_memory_bytes=train.peak_memory_bytes())
     ledger.end_round(server_round)
     return MetricRecord({k: float(v) for k, v in metrics.items()})
 
@@ -80,10 +84,12 @@ def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: ch
     loader = runtime.validation_loader(config)
 
     def evaluate_fn(server_round: int, _: ArrayRecord) -> MetricRecord:
-        groups = strategy.evaluation_groups() or [{0: cola_fl.build_adapters(config, seed=0)}]
-        per_group = [train.evaluate_logits(server.predictor(g), loader, config["task"]) for g in groups]
-        metrics = {k: sum(m[k] for m in per_group) / len(per_group) for k in per_group[0]}
-        return _record_eval(ledger, server_round, metrics)
+        def evaluate() -> dict[str, float]:
+            groups = strategy.evaluation_groups() or [{0: cola_fl.build_adapters(config, seed=0)}]
+            per_group = [train.evaluate_logits(server.predictor(g), loader, config["task"]) for g in groups]
+            return {k: sum(m[k] for m in per_group) / len(per_group) for k in per_group[0]}
+
+        return _record_eval(ledger, server_round, evaluate)
 
     strategy.start(grid=grid, num_rounds=config["rounds"], train_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_fn)
     cola_fl.save_adapters(run_dir / "final.safetensors", strategy.adapter_sets())
@@ -97,7 +103,7 @@ def run_lte(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: che
     t0 = time.perf_counter()
     result = strategy.start(
         grid=grid, initial_arrays=weights, num_rounds=config["rounds"], train_config=ConfigRecord(dict(config)),
-        evaluate_fn=lambda server_round, arrays: _record_eval(ledger, server_round, evaluate(arrays)),
+        evaluate_fn=lambda server_round, arrays: _record_eval(ledger, server_round, lambda: evaluate(arrays)),
     )
     ledger.data["summary"]["train_wall_time_s"] = time.perf_counter() - t0
     save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
@@ -128,14 +134,14 @@ def run_centralized(config: dict, run_dir: Path) -> Ledger:
     batches = train.cycle(runtime.loader(config, data, shuffle=True, seed=runtime.round_seed(config, 0, 0)))
     optimizer = train.make_optimizer(config["optimizer"], head_parameters(model), config["lr"], config["weight-decay"])
     loader = runtime.validation_loader(config)
-    _record_eval(ledger, 0, train.evaluate(model, loader, config["task"]))
+    _record_eval(ledger, 0, lambda: train.evaluate(model, loader, config["task"]))
     t0 = time.perf_counter()
     for rnd in range(1, config["rounds"] + 1):
         ledger.begin_round(rnd)
         stats = train.train_steps(model, batches, n * config["local-steps"], optimizer)
         ledger.client(rnd, {"node_id": 0, "partition_id": -1, "num_examples": len(data), "loss": stats.loss, "bytes_up": 0, "bytes_down": 0,
                             "flops": stats.flops, "peak_memory_bytes": train.peak_memory_bytes(), "wall_time_s": stats.wall_time_s})
-        _record_eval(ledger, rnd, train.evaluate(model, loader, config["task"]))
+        _record_eval(ledger, rnd, lambda: train.evaluate(model, loader, config["task"]))
     ledger.data["summary"]["train_wall_time_s"] = time.perf_counter() - t0
     save_file({k: p.detach().contiguous() for k, p in model.named_parameters()}, str(run_dir / "final.safetensors"))
     last = ledger.rounds[-1]["server"]

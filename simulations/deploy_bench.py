@@ -7,11 +7,14 @@ Arms, interleaved per method (simulation, deployment, simulation, ...):
   * deployment: a SuperLink and one SuperNode per client as separate processes on loopback
     (``fedcola.loopback``, plain HTTP), the run submitted with ``flwr run``.
 Per round r >= 1 the ledger gives the round's wall time L (server: sending, waiting, aggregating,
-evaluating) and each client's handler wall time (``wall-time-s``: its compute, measured inside the
-ClientApp). Clients run in parallel, so their compute on the round's critical path is the largest
-client's, C = max_k wall_time_k. Reported per arm: L, C / L, and for the deployment the share of its
-round latency that simulation does not have, (L_dep - L_sim) / L_dep: Flower's messaging in
-deployment (a ``flwr-clientapp`` process per message, HTTP transport, the grid's 3 s reply polling).
+evaluating), the server's own compute S (``eval_s``: server-side evaluation, plus for ColA
+``compute_s``: hidden pairs and client-side evaluation) and each client's handler wall time
+(``wall-time-s``: its compute, measured inside the ClientApp). Clients run in parallel, so their
+compute on the round's critical path is the largest client's, C = max_k wall_time_k. "Ours" is
+(S + C) / L: the work fedcola's code does; the rest of the round is Flower's (message transport, in
+deployment a fresh ``flwr-clientapp`` process per message and the grid's reply polling), plus our
+(de)serialisation, which runs inside neither timer. The table also gives, for the deployment, the
+share of its round latency that simulation does not have, (L_dep - L_sim) / L_dep.
 Round 1 includes first contact (adapters, full sync); the table reports the last round.
 The machine is shared with other work: only ratios measured in one session are meaningful.
 """
@@ -73,15 +76,17 @@ def round_figures(result: dict) -> list[dict]:
     out = []
     for rnd in result["rounds"][1:]:
         compute = max(c["wall_time_s"] for c in rnd["clients"])
-        out.append({"round": rnd["round"], "latency_s": rnd["wall_time_s"], "client_compute_s": compute, "clients": len(rnd["clients"])})
+        server = rnd["server"].get("compute_s", 0.0) + rnd["server"].get("eval_s", 0.0)
+        out.append({"round": rnd["round"], "latency_s": rnd["wall_time_s"], "client_compute_s": compute, "server_compute_s": server,
+                    "clients": len(rnd["clients"])})
     return out
 
 
 def exchanges_per_round(method: str) -> int:
-    """Server -> clients -> server message exchanges per round: ColA a query and a fit per interval
-    plus the evaluation query, LTE one."""
+    """Server -> clients -> server message exchanges in a round after the first: ColA one train message
+    per interval (it also fetches the next interval's batches) plus the evaluation query, LTE one."""
     overrides = CONFIGS[method][1]
-    return 2 * overrides["local-steps"] + 1 if method == "cola" else 1
+    return overrides["local-steps"] + 1 if method == "cola" else 1
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -92,7 +97,7 @@ def summarize(results: list[dict]) -> list[dict]:
         for arm in ("simulation", "deployment"):
             last = [r["rounds"][-1] for r in results if r["method"] == method and r["arm"] == arm]
             if last:
-                arms[arm] = {k: sum(x[k] for x in last) / len(last) for k in ("latency_s", "client_compute_s")}
+                arms[arm] = {k: sum(x.get(k, 0.0) for x in last) / len(last) for k in ("latency_s", "client_compute_s", "server_compute_s")}
         if len(arms) < 2:
             continue
         sim, dep = arms["simulation"], arms["deployment"]
@@ -101,6 +106,8 @@ def summarize(results: list[dict]) -> list[dict]:
             "dep_over_sim": dep["latency_s"] / sim["latency_s"],
             "sim_compute_share": sim["client_compute_s"] / sim["latency_s"],
             "dep_compute_share": dep["client_compute_s"] / dep["latency_s"],
+            "sim_ours_share": (sim["client_compute_s"] + sim["server_compute_s"]) / sim["latency_s"],
+            "dep_ours_share": (dep["client_compute_s"] + dep["server_compute_s"]) / dep["latency_s"],
             "dep_messaging_share": (dep["latency_s"] - sim["latency_s"]) / dep["latency_s"],
             "exchanges_per_round": exchanges_per_round(method),
             "added_s_per_exchange": (dep["latency_s"] - sim["latency_s"]) / exchanges_per_round(method),
@@ -115,21 +122,20 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         f"{meta['num_clients']} clients, {meta['rounds']} rounds, last round shown, mean of {meta['repeats']} run(s) per arm, arms interleaved.",
         "Other engineers' jobs ran at the same time" + (f" (1/5/15-min load average at the end: {', '.join(f'{x:.0f}' for x in meta['load_average_at_end'])})" if "load_average_at_end" in meta else "")
         + ": absolute seconds are inflated and noisy; the ratios are what this measures.", "",
-        "| method | sim round (s) | deploy round (s) | deploy / sim | client compute share, sim | client compute share, deploy | Flower messaging share, deploy | exchanges / round | added s / exchange |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | sim round (s) | deploy round (s) | deploy / sim | ours, sim | ours, deploy | client compute, deploy | deployment-only share | exchanges / round | added s / exchange |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['method']} | {r['sim_latency_s']:.1f} | {r['dep_latency_s']:.1f} | {r['dep_over_sim']:.2f} | "
-                     f"{r['sim_compute_share']:.1%} | {r['dep_compute_share']:.1%} | {r['dep_messaging_share']:.1%} | "
+                     f"{r['sim_ours_share']:.1%} | {r['dep_ours_share']:.1%} | {r['dep_compute_share']:.1%} | {r['dep_messaging_share']:.1%} | "
                      f"{r['exchanges_per_round']} | {r['added_s_per_exchange']:.0f} |")
     lines += ["", "Configs: " + "; ".join(f"{m}: `{p}` with {o}" for m, (p, o) in CONFIGS.items()), "",
-              "Client compute share = the largest client's handler wall time / round latency. Flower messaging share =",
-              "(deploy round - sim round) / deploy round: what deployment adds (a fresh `flwr-clientapp` process per message,",
-              "HTTP transport, the grid's 3 s reply polling). Added s / exchange = (deploy round - sim round) / message",
-              "exchanges per round: about the same for both methods, i.e. deployment adds a fixed cost per exchange,",
-              "dominated by starting a `flwr-clientapp` process (Python + torch + transformers imports) for every message.",
-              "The client handlers' own compute is a small share of a round in both engines; the rest of a simulated",
-              "round is the server's work and Ray's messaging. See docs/deploy.md, section 9.", ""]
+              "Ours = (server compute + the largest client's handler wall time) / round latency, server compute being",
+              "the ledger's `eval_s` (+ ColA's `compute_s`: hidden pairs and client-side evaluation); the rest is Flower's.",
+              "Deployment-only share = (deploy round - sim round) / deploy round: what deployment adds (a fresh",
+              "`flwr-clientapp` process per message, HTTP transport, reply polling). Added s / exchange = (deploy round -",
+              "sim round) / message exchanges per round (ColA: one train message per interval, which also fetches the",
+              "next interval's batches, plus the evaluation query). See docs/deploy.md, section 9.", ""]
     path.write_text("\n".join(lines))
 
 

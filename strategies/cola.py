@@ -6,6 +6,11 @@ per batch index over all clients' batches (``fedcola.cola.ColaServer``) and send
 rows of (x_m, G_m) in a ``train.cola`` message; the client does gradient learning and replies with
 its updated auxiliary models. A Flower round runs ``local-steps`` intervals, then evaluation.
 
+One message exchange per interval: a ``train.cola`` message also asks a client sampled for the next
+interval for that interval's batches (``control["next-step"]``), which its reply carries, so only
+clients without such a batch (the first interval, a newly sampled or a failed client) get a query.
+Client batches are drawn from the interval's index, so this changes no number, only round trips.
+
 Use it in your own ServerApp::
 
     server = ColaServer(model, targets, mode="merged")
@@ -63,8 +68,12 @@ class ColA(Strategy):
         self.num_labels = num_labels
         self._costs: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._server_flops = self._backward_flops = 0
+        self._compute_s = 0.0  # the server's own model work this round: hidden pairs and client-side evaluation
         self._connected: set[int] = set()  # the nodes connected when this interval was configured
         self._step = 0  # the interval's global index: seeds client sampling and the clients' batch draws
+        self._sampled: list[int] = []  # this interval's clients
+        self._prefetched: dict[int, list[dict[str, torch.Tensor]]] = {}  # node -> batches of interval `_prefetch_step`
+        self._prefetch_step = -1
         self.green = self._green_selector() if config["cola.green-rho"] < 1.0 else None
         self._layers: tuple[str, ...] | None = None  # this interval's selected layers (Green-ColA), None = all
         self._reports: dict[int, dict[str, float]] = {}  # node -> {layer: importance} of this interval
@@ -106,17 +115,33 @@ class ColA(Strategy):
             log(INFO, "\tGreen-ColA: rho %g of the server backward, re-selected every %d round(s)", self.green.rho, self.green.every)
 
     # --- step 1/2: query ------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Query messages for the sampled clients of this interval."""
+    def sample(self, grid: Grid, step: int) -> list[int]:
+        """The clients of interval ``step``: a ``fraction-train`` sample of the connected nodes, seeded by the step."""
         nodes = sorted(grid.get_node_ids())
         self._connected = set(nodes)
         k = max(1, math.ceil(self.config["fraction-train"] * len(nodes)))
-        sampled = sorted(random.Random(self.config["seed"] * 100_003 + self._step).sample(nodes, k))
+        return sorted(random.Random(self.config["seed"] * 100_003 + step).sample(nodes, k))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Query messages for the sampled clients of this interval whose batches did not come with
+        their last reply."""
+        self._sampled = self.sample(grid, self._step)
+        if self._prefetch_step != self._step:
+            self._prefetched = {}
         return [
             Message(RecordDict({"config": config, "control": self._control(node, step=self._step, **{"send-adapter": node not in self.known})}),
                     dst_node_id=node, message_type=QUERY)
-            for node in sampled
+            for node in self._sampled if node not in self._prefetched
         ]
+
+    def interval_batches(self, server_round: int, config: ConfigRecord, grid: Grid, timeout: float) -> dict[int, list[dict[str, torch.Tensor]]]:
+        """This interval's usable batches by node (in node order): prefetched ones, and the query replies
+        of the sampled clients that had none."""
+        queries = list(self.configure_train(server_round, ArrayRecord(), config, grid))
+        batches = self._accept_queries(server_round, grid.send_and_receive(queries, timeout=timeout)) if queries else {}
+        batches |= {n: b for n, b in self._prefetched.items() if n in self._sampled}
+        self._prefetched = {}
+        return dict(sorted(batches.items()))
 
     def _new_adapters(self, record: ArrayRecord) -> dict[str, Adapter]:
         adapters = cola_fl.build_adapters(self.config, seed=0)
@@ -128,21 +153,14 @@ class ColA(Strategy):
     def _accept_queries(self, server_round: int, replies: Iterable[Message], evaluation: bool = False) -> dict[int, list[dict[str, torch.Tensor]]]:
         """Usable batches by node: I training batches, or up to ``eval.client-max-examples`` local
         validation examples (``evaluation``); bad replies are skipped with the reason."""
-        c = self.config
-        max_batches = math.ceil(c["eval.client-max-examples"] / c["batch-size"]) if evaluation else c["cola.interval"]
         batches = {}
         for msg in replies:
             node = msg.metadata.src_node_id
             problem = reply_problem(msg, None, required=("num-examples", "partition-id"))
             if problem is None:
                 problem = self._check_owner(node, int(msg.content.metric_records["metrics"]["partition-id"]))
-            if problem is None and "batch" not in msg.content.array_records:
-                problem = "query reply has no 'batch' ArrayRecord"
             if problem is None:
-                record = msg.content.array_records["batch"]
-                problem = cola_fl.check_batches(record, max_batches, c["batch-size"], self.vocab_size, self.num_labels, c["data.max-length"])
-                if problem is None and not evaluation and cola_fl.batch_count(record) != max_batches:
-                    problem = f"query reply has {cola_fl.batch_count(record)} batches, the interval needs {max_batches}"
+                problem = self._batch_problem(msg, evaluation)
             if problem is None:
                 self._own(node, int(msg.content.metric_records["metrics"]["partition-id"]))
             if problem is None and node not in self.known:
@@ -155,11 +173,29 @@ class ColA(Strategy):
             if problem is not None:
                 skip(server_round, node, problem, self.ledger)
                 continue
-            if not evaluation:
-                self.examples[node] = int(msg.content.metric_records["metrics"]["num-examples"])
             self._costs[node]["bytes_up"] += sum(wire.nbytes(r) for r in msg.content.array_records.values())
-            batches[node] = cola_fl.unpack_batches(msg.content.array_records["batch"])
+            batches[node] = self._take_batches(node, msg, evaluation)
         return batches
+
+    def _batch_problem(self, msg: Message, evaluation: bool) -> str | None:
+        """Why a reply's ``batch`` record is unusable: I training batches, or up to
+        ``eval.client-max-examples`` local validation examples (``evaluation``)."""
+        c = self.config
+        max_batches = math.ceil(c["eval.client-max-examples"] / c["batch-size"]) if evaluation else c["cola.interval"]
+        if "batch" not in msg.content.array_records:
+            return "reply has no 'batch' ArrayRecord"
+        if "num-examples" not in msg.content.metric_records["metrics"]:
+            return "a reply with batches lacks the num-examples metric"
+        record = msg.content.array_records["batch"]
+        problem = cola_fl.check_batches(record, max_batches, c["batch-size"], self.vocab_size, self.num_labels, c["data.max-length"])
+        if problem is None and not evaluation and cola_fl.batch_count(record) != max_batches:
+            problem = f"reply has {cola_fl.batch_count(record)} batches, the interval needs {max_batches}"
+        return problem
+
+    def _take_batches(self, node: int, msg: Message, evaluation: bool) -> list[dict[str, torch.Tensor]]:
+        if not evaluation:
+            self.examples[node] = int(msg.content.metric_records["metrics"]["num-examples"])
+        return cola_fl.unpack_batches(msg.content.array_records["batch"])
 
     def _join(self, node: int, record: ArrayRecord, num_examples: int) -> None:
         if self.mean is not None:
@@ -198,6 +234,7 @@ class ColA(Strategy):
         weights = self.examples if self.config["cola.weighting"] == "examples" and self.mean is None else None
         known = self.adapter_sets() if self.server.mode == "merged" else {n: self.adapters[n] for n in batches}
         out: dict[int, list[dict]] = {n: [] for n in batches}
+        t0 = time.perf_counter()
         for i in range(self.config["cola.interval"]):
             hg = self.server.hidden_grads({n: b[i] for n, b in batches.items()}, known, weights, layers=self._layers)
             self._server_flops += hg.forward_flops + hg.backward_flops
@@ -210,14 +247,20 @@ class ColA(Strategy):
                 if self.config["task"] == "classification":
                     self._costs[n]["correct"] += float((hg.logits[n].argmax(-1) == labels).sum())
                     self._costs[n]["seen"] += len(labels)
+        self._compute_s += time.perf_counter() - t0
         return out
 
-    def configure_fit(self, pairs: dict[int, list[dict]], config: ConfigRecord) -> list[Message]:
+    def configure_fit(self, pairs: dict[int, list[dict]], config: ConfigRecord, grid: Grid | None = None, next_step: int | None = None) -> list[Message]:
+        """``train.cola`` messages with each client's pairs; those sampled for interval ``next_step``
+        (None: no next interval) are asked for its batches as well."""
+        self._prefetch_step = -1 if next_step is None else next_step
+        following = set(self.sample(grid, next_step)) if next_step is not None else set()
         messages = []
         for node, per_batch in pairs.items():
             record = wire.pack(cola_fl.pairs_payload(per_batch), self.config["cola.wire-dtype"])
             self._costs[node]["bytes_down"] += wire.nbytes(record)
-            control = self._control(node) if self._layers is None else self._control(node, layers=list(self._layers))
+            extra = {} if self._layers is None else {"layers": list(self._layers)}
+            control = self._control(node, **extra, **({"next-step": next_step} if node in following else {}))
             messages.append(Message(RecordDict({"pairs": record, "config": config, "control": control}), dst_node_id=node, message_type=FIT))
             self.synced[node] = False  # until its reply is taken
         return messages
@@ -225,18 +268,23 @@ class ColA(Strategy):
     # --- step 6: updated auxiliary models -------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Take each client's updated auxiliary models, or the change of its parameters (`mean`); the
-        server re-merges them next interval."""
+        server re-merges them next interval. Batches for the next interval that a reply carries are kept
+        for it."""
         kept = 0
         for msg in replies:
             node = msg.metadata.src_node_id
             problem = reply_problem(msg, self.template, required=FIT_METRICS, arrays_key="adapter")
             if problem is None:
                 problem = self._check_owner(node, int(msg.content.metric_records["metrics"]["partition-id"]))
+            if problem is None and "batch" in msg.content.array_records:
+                problem = self._batch_problem(msg, evaluation=False) if self._prefetch_step >= 0 else "reply carries batches nobody asked for"
             if problem is None and self.green is not None:
                 problem = self._take_importance(node, msg.content.metric_records["metrics"])
             if problem is not None:
                 skip(server_round, node, problem, self.ledger)
                 continue
+            if "batch" in msg.content.array_records:
+                self._prefetched[node] = self._take_batches(node, msg, evaluation=False)
             if self.mean is not None:
                 self.mean.move(node, msg.content.array_records["adapter"].to_torch_state_dict())
             else:
@@ -244,7 +292,7 @@ class ColA(Strategy):
             self.synced[node] = True
             m = msg.content.metric_records["metrics"]
             cost = self._costs[node]
-            cost["bytes_up"] += wire.nbytes(msg.content.array_records["adapter"])
+            cost["bytes_up"] += sum(wire.nbytes(r) for r in msg.content.array_records.values())
             cost["flops"] += int(m["flops"])
             cost["wall_time_s"] += float(m["wall-time-s"])
             cost["peak_memory_bytes"] = max(cost["peak_memory_bytes"], int(m["peak-memory-bytes"]))
@@ -281,7 +329,9 @@ class ColA(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-client loss and task metric on local validation data (ledger), and their example-weighted mean."""
         totals: dict[str, float] = defaultdict(float)
-        for node, batches in self._accept_queries(server_round, replies, evaluation=True).items():
+        accepted = self._accept_queries(server_round, replies, evaluation=True)
+        t0 = time.perf_counter()
+        for node, batches in accepted.items():
             adapters = self.adapter_sets() if self.server.mode == "merged" else {node: self.adapters[node]}
             metrics = train.evaluate_logits(self.server.predictor(adapters), batches, self.config["task"])
             for key, value in metrics.items():
@@ -289,6 +339,7 @@ class ColA(Strategy):
                 if key != "num-examples":
                     totals[key] += value * metrics["num-examples"]
             totals["num-examples"] += metrics["num-examples"]
+        self._compute_s += time.perf_counter() - t0
         if not totals:
             return None
         return MetricRecord({k if k == "num-examples" else f"client-{k}": v if k == "num-examples" else v / totals["num-examples"] for k, v in totals.items()})
@@ -312,13 +363,14 @@ class ColA(Strategy):
             green = {} if self.green is None else {"green": {
                 "selected": [layer for layer in self.dims if layer in self.green.selected], "backward_fraction": self.green.backward_fraction,
                 "probe_intervals": self._probes, "importance": None if self.green.importance is None else dict(zip(self.green.profile.names, self.green.importance.tolist()))}}
-            self.ledger.server(server_round, flops=int(self._server_flops), backward_flops=int(self._backward_flops), **green)
+            self.ledger.server(server_round, flops=int(self._server_flops), backward_flops=int(self._backward_flops), compute_s=self._compute_s, **green)
         metrics = {"train-loss": sum(losses) / max(len(losses), 1), "server-flops": float(self._server_flops),
                    "server-backward-flops": float(self._backward_flops)}
         if seen:
             metrics["train-accuracy"] = correct / seen
         self._costs.clear()
         self._server_flops = self._backward_flops = self._probes = 0
+        self._compute_s = 0.0
         return MetricRecord(metrics)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, timeout: float = 3600,
@@ -339,13 +391,14 @@ class ColA(Strategy):
             for step in range(self.config["local-steps"]):
                 config["server-round"] = rnd
                 self._step = (rnd - 1) * self.config["local-steps"] + step
-                replies = grid.send_and_receive(self.configure_train(rnd, empty, config, grid), timeout=timeout)
-                batches = self._accept_queries(rnd, replies)
+                batches = self.interval_batches(rnd, config, grid, timeout)
                 if not batches:
                     log(WARNING, "round %d step %d: no usable query reply; skipping the interval", rnd, step)
                     continue
                 self.begin_interval(rnd, step)
-                fit_replies = grid.send_and_receive(self.configure_fit(self.hidden_pairs(batches), config), timeout=timeout)
+                last = rnd == num_rounds and step == self.config["local-steps"] - 1
+                fit = self.configure_fit(self.hidden_pairs(batches), config, grid, None if last else self._step + 1)
+                fit_replies = grid.send_and_receive(fit, timeout=timeout)
                 self.aggregate_train(rnd, fit_replies)
                 self.end_interval(rnd, step)
             replies = grid.send_and_receive(self.configure_evaluate(rnd, empty, config, grid), timeout=timeout)

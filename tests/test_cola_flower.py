@@ -263,3 +263,60 @@ def test_merged_linear_server_keeps_only_the_parameter_mean(setup):
     exact = server.merged_weights(per_client, examples)
     for name, value in server.merged_weights(strategy.adapter_sets()).items():
         assert torch.allclose(value, exact[name], atol=1e-6), name
+
+
+class _LoopGrid(_Nodes):
+    """A Grid answered in process by the real client handlers; counts the messages by type."""
+
+    def __init__(self, nodes, config):
+        super().__init__(nodes)
+        self.config, self.sent = config, []
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in nodes}
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for m in messages:
+            node, kind = m.metadata.dst_node_id, m.metadata.message_type
+            self.sent.append(kind)
+            replies.append((cola_client.query if kind == "query.cola" else cola_client.fit)(m, self.contexts[node], self.config, (node - 1, 2)))
+        return replies
+
+
+@pytest.mark.parametrize("adapter", ["low-rank", "linear"])
+def test_next_interval_batches_ride_on_the_train_reply(setup, adapter):
+    """One exchange per interval: the batches a train reply carries for the next interval are the ones a
+    query would have fetched, so the adapters are bit-identical to querying every interval, with queries
+    only in the first interval (and for a client whose reply was lost)."""
+    config = cfg.build({**setup, "cola.adapter": adapter})
+    message_config = ConfigRecord(dict(config))
+
+    def run(fused: bool, lose: int | None = None):
+        strategy, grid = _server(config), _LoopGrid([1, 2], config)
+        for step in range(4):
+            strategy._step = step
+            batches = strategy.interval_batches(1, message_config, grid, timeout=10)
+            fits = strategy.configure_fit(strategy.hidden_pairs(batches), message_config, grid, step + 1 if fused and step < 3 else None)
+            answers = [a for a in grid.send_and_receive(fits) if not (step == 1 and a.metadata.src_node_id == lose)]
+            strategy.aggregate_train(1, answers)
+        return {n: cola_fl.adapter_record(a).to_torch_state_dict() for n, a in strategy.adapter_sets().items()}, grid.sent
+
+    for lose in (None, 1):
+        (queried, sent_queried), (fused, sent_fused) = run(False, lose), run(True, lose)
+        assert sent_queried.count("query.cola") == 8 and sent_fused.count("query.cola") == (2 if lose is None else 3)
+        assert sent_fused.count("train.cola") == sent_queried.count("train.cola") == 8
+        assert queried.keys() == fused.keys()
+        for n in queried:
+            assert all(torch.equal(queried[n][k], fused[n][k]) for k in queried[n]), (lose, n)
+
+
+def test_batches_nobody_asked_for_are_refused(setup, tmp_path):
+    config = setup
+    strategy, grid = _server(config), _LoopGrid([1], config)
+    batches = strategy.interval_batches(1, ConfigRecord(dict(config)), grid, timeout=10)
+    fit = strategy.configure_fit(strategy.hidden_pairs(batches), ConfigRecord(dict(config)))[0]
+    fit.content.config_records["control"]["next-step"] = 1  # a client answering a question the server did not ask
+    ledger = Ledger(tmp_path / "l.json", "cola", config)
+    strategy.ledger = ledger
+    ledger.begin_round(1)
+    _, metrics = strategy.aggregate_train(1, grid.send_and_receive([fit]))
+    assert metrics["clients"] == 0 and "nobody asked for" in ledger._round["skipped"][0]["reason"]
