@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Scalar] = {
     "num-clients": 4,
     "fraction-train": 1.0,
     "rounds": 3,
+    "round-timeout": 3600.0,
     "seed": 0,
     "local-steps": 20,
     "batch-size": 16,
@@ -142,6 +143,8 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
                 "green.reselect-every", "green.importance-batches"):
         if config[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
+    if config["round-timeout"] <= 0:
+        raise ConfigError(f"config key 'round-timeout' must be > 0 seconds, got {config['round-timeout']}")
     for key in ("fraction-train", "green.rho", "cola.green-rho"):
         if not 0.0 < config[key] <= 1.0:
             raise ConfigError(f"config key '{key}' must be in (0, 1], got {config[key]}")

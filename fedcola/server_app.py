@@ -70,7 +70,7 @@ def run_fedavg_lora(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, res
     initial, done = (resume.tensors, resume.round) if resume else (fedavg_lora.trainable_state(model), 0)
     strategy = FedAvgLoRA(fraction_train=config["fraction-train"], min_available_nodes=config["num-clients"], ledger=ledger, round_offset=done)
     result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=config["rounds"] - done,
+        grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=config["rounds"] - done, timeout=config["round-timeout"],
         train_config=ConfigRecord(dict(config)), evaluate_fn=make_evaluate_fn(config, ledger, model, run_dir, done),
     )
     save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
@@ -91,7 +91,7 @@ def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: ch
 
         return _record_eval(ledger, server_round, evaluate)
 
-    strategy.start(grid=grid, num_rounds=config["rounds"], train_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_fn)
+    strategy.start(grid=grid, num_rounds=config["rounds"], timeout=config["round-timeout"], train_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_fn)
     cola_fl.save_adapters(run_dir / "final.safetensors", strategy.adapter_sets())
 
 
@@ -102,7 +102,7 @@ def run_lte(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: che
     evaluate = lte_client.make_evaluator(config)
     t0 = time.perf_counter()
     result = strategy.start(
-        grid=grid, initial_arrays=weights, num_rounds=config["rounds"], train_config=ConfigRecord(dict(config)),
+        grid=grid, initial_arrays=weights, num_rounds=config["rounds"], timeout=config["round-timeout"], train_config=ConfigRecord(dict(config)),
         evaluate_fn=lambda server_round, arrays: _record_eval(ledger, server_round, lambda: evaluate(arrays)),
     )
     ledger.data["summary"]["train_wall_time_s"] = time.perf_counter() - t0

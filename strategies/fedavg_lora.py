@@ -53,6 +53,8 @@ class FedAvgLoRA(FedAvg):
     Usable in any ServerApp: ``FedAvgLoRA(fraction_train=1.0, ledger=Ledger(...)).start(grid=grid,
     initial_arrays=ArrayRecord(lora_state), num_rounds=3, train_config=ConfigRecord(config))``.
     ``round_offset=k`` continues a run after its round k (``initial_arrays`` = the round-k weights).
+    ``min_available_nodes`` holds for the run's first round only (the federation assembles); later
+    rounds sample from the nodes connected then, so a node that never comes back does not stall the run.
     """
 
     def __init__(self, *args, ledger: Ledger | None = None, round_offset: int = 0, **kwargs):
@@ -65,6 +67,8 @@ class FedAvgLoRA(FedAvg):
         self._sent: ArrayRecord | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if server_round > 1:
+            self.min_available_nodes = self.min_train_nodes
         server_round += self.round_offset
         self._sent = arrays
         if self.ledger is not None:
