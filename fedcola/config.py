@@ -9,6 +9,7 @@ says which key and what was expected.
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -68,12 +69,15 @@ DEFAULTS: dict[str, Scalar] = {
     "eval.client-max-examples": 64,
     "eval.batch-size": 64,
     "client.num-cpus": 1,
+    "client.state-dir": "",  # clients' state dir when their node config names none (`fedcola run`: <run dir>/client-state)
     "green.rho": 0.5,
     "green.steps": 100,
     "green.reselect-every": 50,
     "green.importance-batches": 1,
     "out-dir": "runs",
     "resume-dir": "",  # a run directory to continue after its last checkpointed round (its own config is used)
+    "run-key": "",  # names the clients' state across resumes of one run (drawn at the run's start when empty)
+    "resumed-after": 0,  # set by a resume: the checkpointed round it continues from (clients roll back to it)
 }
 
 METHODS = ("fedavg_lora", "cola", "lte")
@@ -142,6 +146,8 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
                 "green.reselect-every", "green.importance-batches"):
         if config[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]*", config["run-key"]) or config["resumed-after"] < 0:
+        raise ConfigError(f"config key 'run-key' must be letters, digits, '_', '.', '-' (got {config['run-key']!r}) and 'resumed-after' >= 0")
     for key in ("fraction-train", "green.rho", "cola.green-rho"):
         if not 0.0 < config[key] <= 1.0:
             raise ConfigError(f"config key '{key}' must be in (0, 1], got {config[key]}")
