@@ -41,12 +41,13 @@ def node_handler(handle: Callable[[Message, Context, dict], Message]) -> Callabl
         config = message_config(msg) | {runtime.DATA_PATH: node.data_path}
         torch.set_num_threads(config["client.num-cpus"])
         state_dir = node.state_dir or config["client.state-dir"]
+        resumes = [int(r) for r in cfg.names(config, "resumed-after")]
         if state_dir:
             folder = state.client_dir(state_dir, config["run-key"] or f"run-{context.run_id}", node.partition_id)
-            state.restore(context, folder, config["server-round"], config["resumed-after"])
+            state.restore(context, folder, resumes)
         reply = handle(msg, context, config)
         if state_dir:
-            state.save(context, folder, config["server-round"])
+            state.save(context, folder, config["server-round"], generation=len(resumes))
         return reply
 
     return handler

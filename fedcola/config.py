@@ -77,7 +77,7 @@ DEFAULTS: dict[str, Scalar] = {
     "out-dir": "runs",
     "resume-dir": "",  # a run directory to continue after its last checkpointed round (its own config is used)
     "run-key": "",  # names the clients' state across resumes of one run (drawn at the run's start when empty)
-    "resumed-after": 0,  # set by a resume: the checkpointed round it continues from (clients roll back to it)
+    "resumed-after": "",  # set by a resume: the checkpointed round of each resume so far, e.g. "2,5" (clients roll back to the last)
 }
 
 METHODS = ("fedavg_lora", "cola", "lte")
@@ -146,8 +146,10 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
                 "green.reselect-every", "green.importance-batches"):
         if config[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]*", config["run-key"]) or config["resumed-after"] < 0:
-        raise ConfigError(f"config key 'run-key' must be letters, digits, '_', '.', '-' (got {config['run-key']!r}) and 'resumed-after' >= 0")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]*", config["run-key"]):
+        raise ConfigError(f"config key 'run-key' must be letters, digits, '_', '.', '-', got {config['run-key']!r}")
+    if not all(r.isdigit() for r in names(config, "resumed-after")):
+        raise ConfigError(f"config key 'resumed-after' must list round numbers (e.g. \"2,5\"), got {config['resumed-after']!r}")
     for key in ("fraction-train", "green.rho", "cola.green-rho"):
         if not 0.0 < config[key] <= 1.0:
             raise ConfigError(f"config key '{key}' must be in (0, 1], got {config[key]}")

@@ -167,8 +167,9 @@ def run_server(grid: Grid, config: dict, run_dir: Path) -> Ledger:
     run_dir.mkdir(parents=True, exist_ok=True)
     config = config if config["run-key"] else config | {"run-key": uuid.uuid4().hex}  # the clients' state key, kept by resumes
     resume = checkpoint.load(run_dir) if config["resume-dir"] else None
-    if resume:
-        config = config | {"resumed-after": resume.round}  # clients roll their state back to this round
+    if resume:  # clients roll their state back to the checkpoint's round (fedcola.state)
+        earlier = [r["after_round"] for r in load_ledger(run_dir / "ledger.json").get("resumed", [])]
+        config = config | {"resumed-after": ",".join(map(str, [*earlier, resume.round]))}
     ledger = Ledger.reopen(run_dir / "ledger.json", resume.round, config) if resume else Ledger(run_dir / "ledger.json", config["method"], config)
     ledger.save()
     try:

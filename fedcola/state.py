@@ -14,10 +14,12 @@ restores, and records the last server round, the Flower run that wrote it and th
 Restore, on the first message of a process that holds no state:
 
 - the newest snapshot was written in this Flower run: a restarted SuperNode; it continues from it;
-- else the run is a resume after round k (``resumed-after``, a new Flower run): the client loads its
-  snapshot of round <= k and deletes the later ones (rounds the killed run never checkpointed). A
-  client with no snapshot of round <= k starts afresh only if its first round was after k (then the
-  uninterrupted run had no state for it either); otherwise the missing snapshot is a one-line error.
+- else the run is a resume after round k (a new Flower run; ``resumed-after`` lists the rounds of
+  every resume so far): the client deletes the snapshots of rounds its writing run never
+  checkpointed (after k, or, written by a run that was itself resumed after k' < k, after k') and
+  loads the newest left. A client with none left starts afresh only if it had no state at the end of
+  round k (its first round came later, as in the uninterrupted run); otherwise the missing snapshot is
+  a one-line error.
 
 Pruning: while handling round r the server has checkpointed round r - 1, so a resume can only ask for
 round >= r - 1: the newest snapshot before r is kept, older ones are deleted.
@@ -67,12 +69,14 @@ def write(records: RecordDict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def read(path: Path) -> RecordDict:
-    """The RecordDict saved by :func:`write`; a damaged file is a one-line ValueError."""
+def read(path: Path, arrays: bool = True) -> RecordDict:
+    """The RecordDict saved by :func:`write` (``arrays=False``: its config and metric records only); a
+    damaged file is a one-line ValueError."""
     try:
         with safe_open(str(path), framework="pt") as f:
             index = json.loads(f.metadata()[META_KEY])
-            records = RecordDict({name: ArrayRecord({k: f.get_tensor(f"{name}/{k}") for k in keys}) for name, keys in index["arrays"].items()})
+            records = RecordDict({name: ArrayRecord({k: f.get_tensor(f"{name}/{k}") for k in keys})
+                                  for name, keys in index["arrays"].items() if arrays})
     except Exception as err:  # a damaged file must not pass for state: every message fails with the reason
         raise ValueError(f"client state file {path} is unreadable ({type(err).__name__}: {err}); delete it to start this client afresh") from None
     for name, values in index["configs"].items():
@@ -82,9 +86,10 @@ def read(path: Path) -> RecordDict:
     return records
 
 
-def restore(context: Context, folder: Path, server_round: int, resumed_after: int = 0) -> bool:
+def restore(context: Context, folder: Path, resumes: list[int] = ()) -> bool:
     """On a process's first message of a run: load the client's saved state into ``context.state``
-    (module docstring); False when there is none to load (a new client)."""
+    (module docstring); False when there is none to load (a new client). ``resumes``: the rounds after
+    which the run was resumed so far (the config's ``resumed-after``)."""
     if NODE in context.state.config_records:
         return False
     saved = snapshots(folder)
@@ -92,16 +97,11 @@ def restore(context: Context, folder: Path, server_round: int, resumed_after: in
         return False
     path = saved[max(saved)]
     records = read(path)
-    node = records.config_records[NODE]
-    if node["run-id"] != str(context.run_id):  # a new Flower run with this run key: a resume
-        if not resumed_after:
-            raise ValueError(f"{folder} holds state of another run (Flower run {node['run-id']}) with this run-key, and this run is not its resume")
-        for r in [r for r in saved if r > resumed_after]:
-            saved.pop(r).unlink()  # written after the checkpoint the run resumes from
-        if not saved:
-            if int(node["first-round"]) <= resumed_after:
-                raise ValueError(f"client state snapshot of round <= {resumed_after} is missing in {folder}: this client cannot continue the resumed run")
-            return False  # its first round came after the checkpoint: a new client, as in the uninterrupted run
+    if records.config_records[NODE]["run-id"] != str(context.run_id):  # a new Flower run with this run key: a resume
+        if not resumes:
+            raise ValueError(f"{folder} holds state of another run with this run-key, and this run is not its resume")
+        if not _roll_back(saved, list(resumes), folder):
+            return False
         path = saved[max(saved)]
         records = read(path)
     for name, record in records.items():
@@ -113,10 +113,26 @@ def restore(context: Context, folder: Path, server_round: int, resumed_after: in
     return True
 
 
-def save(context: Context, folder: Path, server_round: int) -> None:
-    """After a handled message: count it, write ``context.state`` as the round's snapshot, prune."""
+def _roll_back(saved: dict[int, Path], resumes: list[int], folder: Path) -> bool:
+    """Delete the snapshots no resume may load; True if one is left. A snapshot written by the run of
+    generation g (g earlier resumes) is valid up to the round after which it was resumed, resumes[g]:
+    its later rounds were never checkpointed. With none left, the client starts afresh only if it had
+    no state at that round (its first round came later); else its snapshot is missing: an error."""
+    nodes = {r: read(p, arrays=False).config_records[NODE] for r, p in saved.items()}
+    until = {r: resumes[int(n["generation"])] if int(n["generation"]) < len(resumes) else r for r, n in nodes.items()}
+    for r in [r for r in saved if r > until[r]]:
+        saved.pop(r).unlink()
+    if not saved and any(int(n["first-round"]) <= until[r] for r, n in nodes.items()):
+        raise ValueError(f"client state snapshot of round <= {resumes[-1]} is missing in {folder}: this client cannot continue the resumed run")
+    return bool(saved)
+
+
+def save(context: Context, folder: Path, server_round: int, generation: int = 0) -> None:
+    """After a handled message: count it, write ``context.state`` as the round's snapshot (written by
+    the run of ``generation`` = the number of resumes before it), prune."""
     node = dict(context.state.config_records.get(NODE, {"messages": 0, "restores": 0, "first-round": server_round}))
-    context.state[NODE] = ConfigRecord(node | {"messages": int(node["messages"]) + 1, "server-round": server_round, "run-id": str(context.run_id)})
+    context.state[NODE] = ConfigRecord(node | {"messages": int(node["messages"]) + 1, "server-round": server_round,
+                                               "run-id": str(context.run_id), "generation": generation})
     write(context.state, folder / f"round-{server_round}.safetensors")
     older = sorted(r for r in snapshots(folder) if r < server_round)
     for r in older[:-1]:

@@ -77,7 +77,7 @@ def test_cola_and_lte_runs_on_a_plain_deployment(plain, assets, tmp_path):
         assert len({k.split("/", 1)[0] for k in f.keys()}) == 3  # one set of auxiliary models per node
     for i in range(3):  # query, fit, evaluation query: each saved after it was handled
         saved = state.read(_latest(plain.root / f"state{i}"))
-        assert dict(saved.config_records[state.NODE]) == {"messages": 3, "restores": 0, "server-round": 1, "run-id": str(run_id), "first-round": 1}
+        assert dict(saved.config_records[state.NODE]) == {"messages": 3, "restores": 0, "server-round": 1, "run-id": str(run_id), "generation": 0, "first-round": 1}
         assert "cola.adapters" in saved.array_records and "cola.optimizer" in saved.array_records
     run_and_check(plain, assets, "lte", tmp_path / "lte", 3)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
@@ -190,7 +190,7 @@ def test_resumed_client_rolls_back_to_its_snapshot_of_the_checkpointed_round(tin
     """A client that handled round 2 of the killed run (run 7) restores, in the run resumed after round 1
     (run 8), its round-1 snapshot and redoes round 2 exactly; a missing snapshot or another run's state
     is a clear error, never a silent fresh start."""
-    config = tiny | {"resumed-after": 1}
+    config = tiny
     strategy = _strategy(config)
     killed = _context(7, state_dir=tmp_path)
     q1, f1 = _interval(strategy, {3: killed}, 1, 0, config)
@@ -205,23 +205,30 @@ def test_resumed_client_rolls_back_to_its_snapshot_of_the_checkpointed_round(tin
     twice = _adapter(client_app.cola_train_handler(f2[0], killed))  # what the round-2 state would give: a wrong start
     assert any(not torch.equal(twice[k], expected[k]) for k in expected)
 
+    q2, f2 = (_resent(m[0], "1") for m in (q2, f2))  # round 2 again, from the run resumed after round 1
     resumed = _context(8, state_dir=tmp_path)
-    client_app.cola_query_handler(q2[0], resumed)
-    got = _adapter(client_app.cola_train_handler(f2[0], resumed))
+    client_app.cola_query_handler(q2, resumed)
+    got = _adapter(client_app.cola_train_handler(f2, resumed))
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     node = resumed.state.config_records[state.NODE]
-    assert (node["restores"], node["run-id"], node["first-round"]) == (1, "8", 1)
+    assert (node["restores"], node["run-id"], node["generation"], node["first-round"]) == (1, "8", 1, 1)
     assert sorted(state.snapshots(folder)) == [1, 2]
     assert state.read(state.snapshots(folder)[2]).config_records[state.NODE]["run-id"] == "8"
 
     with pytest.raises(ValueError, match="not its resume"):
-        client_app.cola_query_handler(Message(RecordDict({"config": ConfigRecord(dict(tiny) | {"server-round": 3}), "control": q2[0].content.config_records["control"]}),
-                                              dst_node_id=3, message_type="query.cola"), _context(9, state_dir=tmp_path))
+        client_app.cola_query_handler(_resent(q2, ""), _context(9, state_dir=tmp_path))
     state.snapshots(folder)[1].unlink()
     with pytest.raises(ValueError, match="snapshot of round <= 1 is missing"):
-        client_app.cola_query_handler(q2[0], _context(10, state_dir=tmp_path))
+        client_app.cola_query_handler(_resent(q2, "1,1"), _context(10, state_dir=tmp_path))
     with pytest.raises(ValueError, match="no state for them"):  # the server holds its adapters: no fresh start
-        client_app.cola_query_handler(q2[0], _context(11))
+        client_app.cola_query_handler(q2, _context(11))
+
+
+def _resent(msg: Message, resumed_after: str) -> Message:
+    """``msg`` as a run with ``resumed-after`` would send it."""
+    content = RecordDict(dict(msg.content.items()))
+    content["config"] = ConfigRecord(dict(msg.content.config_records["config"]) | {"resumed-after": resumed_after})
+    return Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
 
 
 @pytest.mark.usefixtures("_identity", "one_thread")
@@ -247,3 +254,29 @@ def test_merged_linear_server_state_resumes_under_new_node_ids(tiny, tmp_path):
     assert second.owner == {13: 0, 14: 1} and second.synced == {13: True, 14: True} and second.round_offset == 1
     assert list(second.mean.n.values()) == list(first.mean.n.values())
     assert all(torch.equal(first.mean.sum[k], second.mean.sum[k]) for k in first.mean.sum)
+
+
+def test_rollback_drops_the_rounds_each_killed_run_never_checkpointed(tmp_path):
+    """Run 1 handled rounds 1-3 (pruning kept 2 and 3) and was resumed after round 2 by run 2, which
+    never contacted this client and was itself resumed after round 5: run 3 loads round 2, not the
+    newer round 3 of the first killed run."""
+    def snapshot(folder, r, run, generation, first):
+        node = {"messages": r, "restores": 0, "server-round": r, "run-id": str(run), "generation": generation, "first-round": first}
+        state.write(RecordDict({"w": ArrayRecord({"x": torch.tensor([float(r)])}), state.NODE: ConfigRecord(node)}), folder / f"round-{r}.safetensors")
+
+    def restore(folder, resumes, run=3):
+        context = Context(run_id=run, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        return state.restore(context, folder, resumes), context
+
+    snapshot(tmp_path / "a", 2, 1, 0, 1)
+    snapshot(tmp_path / "a", 3, 1, 0, 1)
+    loaded, context = restore(tmp_path / "a", [2, 5])
+    assert loaded and context.state["w"]["x"].numpy().tolist() == [2.0] and sorted(state.snapshots(tmp_path / "a")) == [2]
+    snapshot(tmp_path / "b", 3, 1, 0, 3)  # first contact after the checkpoint: a new client, exactly
+    assert restore(tmp_path / "b", [2])[0] is False and not state.snapshots(tmp_path / "b")
+    snapshot(tmp_path / "c", 3, 1, 0, 1)  # its round-2 snapshot is gone
+    with pytest.raises(ValueError, match="snapshot of round <= 2 is missing"):
+        restore(tmp_path / "c", [2])
+    snapshot(tmp_path / "d", 6, 3, 2, 1)  # written by this very run: a restarted SuperNode continues from it
+    loaded, context = restore(tmp_path / "d", [2, 5])
+    assert loaded and context.state["w"]["x"].numpy().tolist() == [6.0]
