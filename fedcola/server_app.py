@@ -48,7 +48,8 @@ def make_evaluate_fn(config: dict, ledger: Ledger, model, run_dir: Path, round_o
         state = arrays.to_torch_state_dict()
         fedavg_lora.load_trainable(model, state)
         metrics = _record_eval(ledger, server_round, train.evaluate(model, loader, config["task"]))
-        checkpoint.save(run_dir, server_round, state)
+        if server_round:  # round 0 trained nothing: no resume starts there (it would record round 0 again)
+            checkpoint.save(run_dir, server_round, state)
         return metrics
 
     return evaluate_fn
@@ -87,7 +88,8 @@ def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: ch
         per_group = [train.evaluate_logits(server.predictor(g), loader, config["task"]) for g in groups]
         metrics = {k: sum(m[k] for m in per_group) / len(per_group) for k in per_group[0]}
         metrics = _record_eval(ledger, server_round, metrics)
-        checkpoint.save(run_dir, server_round, *strategy.state_dict())
+        if server_round:
+            checkpoint.save(run_dir, server_round, *strategy.state_dict())
         return metrics
 
     done = resume.round if resume else 0
@@ -108,7 +110,7 @@ def run_lte(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: che
         if server_round == 0 and done:
             return None  # the resumed round is in the ledger already
         metrics = _record_eval(ledger, server_round + done, evaluate(arrays))
-        if not config["lte.async"]:  # async: messages in flight are no state a checkpoint can hold
+        if server_round and not config["lte.async"]:  # async: messages in flight are no state a checkpoint can hold
             checkpoint.save(run_dir, server_round + done, *strategy.state_dict())
         return metrics
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -94,6 +94,8 @@ def restore(context: Context, folder: Path, resumes: list[int] = ()) -> bool:
         return False
     saved = snapshots(folder)
     if not saved:
+        if resumes:  # not silent: right only for a client that had not trained before the resumed round
+            log(WARNING, "run resumed after round %d: no saved client state in %s, the client starts afresh", resumes[-1], folder)
         return False
     path = saved[max(saved)]
     records = read(path)
