@@ -50,7 +50,7 @@ def query(msg: Message, context: Context, config: dict, partition: tuple[int, in
     pid, n = partition
     control = msg.content.config_records["control"]
     if ADAPTERS not in context.state.array_records:
-        if not control["send-adapter"]:  # never train from a state the server does not hold
+        if not control["send-adapter"] or pid in control.get("held", []):  # never train from a state the server does not hold
             raise ValueError(f"the server holds the auxiliary models of adapter id {pid}, but this client has no state for them (lost state-dir?)")
         save_client(context, make_client(config, pid))
     sync(context, config, control)

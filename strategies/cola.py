@@ -99,7 +99,10 @@ class ColA(Strategy):
         return [{n: a} for n, a in self.adapters.items()]
 
     def _control(self, node: int, **extra) -> ConfigRecord:
-        return ConfigRecord({"synced": self.synced.get(node, False), **extra})
+        """A message's control record; a resumed run lists the adapter ids whose checkpointed state no node
+        has claimed yet (``held``): such a client must continue from its saved state, not start afresh."""
+        held = {"held": sorted(self._resumed)} if self._resumed else {}
+        return ConfigRecord({"synced": self.synced.get(node, False), **held, **extra})
 
     def summary(self) -> None:
         c = self.config

@@ -222,6 +222,12 @@ def test_resumed_client_rolls_back_to_its_snapshot_of_the_checkpointed_round(tin
         client_app.cola_query_handler(_resent(q2, "1,1"), _context(10, state_dir=tmp_path))
     with pytest.raises(ValueError, match="no state for them"):  # the server holds its adapters: no fresh start
         client_app.cola_query_handler(q2, _context(11))
+    second = _strategy(config)
+    second.load_state(1, *strategy.state_dict())  # a resumed server, before any node claimed adapter id 0
+    lost = Message(RecordDict({"config": q2.content.config_records["config"], "control": second._control(5, step=1, **{"send-adapter": True})}),
+                   dst_node_id=5, message_type="query.cola")
+    with pytest.raises(ValueError, match="no state for them"):
+        client_app.cola_query_handler(lost, _context(12))
 
 
 def _resent(msg: Message, resumed_after: str) -> Message:
