@@ -285,7 +285,7 @@ class ColA(Strategy):
         of) its local validation split; the server runs that client's model on it (its personal model
         W + g_k, or the shared W + mean dW in merged mode): ColA clients hold no base model."""
         return [Message(RecordDict({"config": config, "control": self._control(n, step=-1, split="validation", **{"send-adapter": False})}),
-                        dst_node_id=n, message_type=QUERY) for n in sorted(self.known & set(grid.get_node_ids()))]
+                        dst_node_id=n, message_type=QUERY) for n in sorted(self.known - set(self._resumed.values()))]  # not the dead run's nodes
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-client loss and task metric on local validation data (ledger), and their example-weighted mean."""
