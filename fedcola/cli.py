@@ -77,7 +77,10 @@ def run_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
     sets = cfg.parse_sets(args.set or [])
     if set(sets) - {"rounds"}:
         raise ValueError(f"a resumed run keeps its config; only rounds may be set (got {', '.join(sorted(sets))})")
-    return server_app.resumed_config(args.resume, sets.get("rounds")), Path(args.resume)
+    config = server_app.resumed_config(args.resume, sets.get("rounds"))
+    if config["method"] != "fedavg_lora" and not config["client.state-dir"]:
+        raise ValueError(f"{args.resume} kept no client state (client.state-dir), so its {config['method']} clients cannot be resumed")
+    return config, Path(args.resume)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     from fedcola.train import metric_name
 
     run_dir = run_dir or server_app.new_run_dir(config)
+    if not config["client.state-dir"]:  # the virtual clients' state, kept for a resume (fedcola.state)
+        config = config | {"client.state-dir": str((run_dir / "client-state").resolve())}
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     stop = threading.Event()

@@ -2,8 +2,9 @@
 
 The round's full config travels in every message (``config`` ConfigRecord), so a SuperNode needs only
 its own ``node_config`` (``fedcola.runtime.node_options``: its client id, its partition or its own
-``data-path``, its ``state-dir``). With a ``state-dir``, each handler's ``context.state`` is saved
-there after every message and restored by a restarted SuperNode (``fedcola.state``).
+``data-path``, its ``state-dir``). With a ``state-dir`` (or the run config's ``client.state-dir``, which
+``fedcola run`` sets for its virtual clients), each handler's ``context.state`` is saved there after
+every message and restored by a restarted SuperNode or a resumed run (``fedcola.state``).
 
 A SuperNode runs every message in a fresh ``flwr-clientapp`` process, so each handler imports only
 its own method's modules (peft, for instance, is FedAvg-LoRA's alone).
@@ -32,17 +33,21 @@ def message_config(msg: Message) -> dict:
 
 def node_handler(handle: Callable[[Message, Context, dict], Message]) -> Callable[[Message, Context], Message]:
     """A message handler with the run config (+ the node's ``data-path``), the node's thread count, and
-    its ``context.state`` restored from / saved to the node's ``state-dir``."""
+    its ``context.state`` restored from / saved to the node's ``state-dir`` (else the run config's
+    ``client.state-dir``), per ``run-key`` and partition, one snapshot per round (``fedcola.state``)."""
 
     def handler(msg: Message, context: Context) -> Message:
         node = runtime.node_options(context)
         config = message_config(msg) | {runtime.DATA_PATH: node.data_path}
         torch.set_num_threads(config["client.num-cpus"])
-        if node.state_dir:
-            state.restore(context, node.state_dir)
+        state_dir = node.state_dir or config["client.state-dir"]
+        resumes = [int(r) for r in cfg.names(config, "resumed-after")]
+        if state_dir:
+            folder = state.client_dir(state_dir, config["run-key"] or f"run-{context.run_id}", node.partition_id)
+            state.restore(context, folder, resumes)
         reply = handle(msg, context, config)
-        if node.state_dir:
-            state.save(context, node.state_dir, config["server-round"])
+        if state_dir:
+            state.save(context, folder, config["server-round"], generation=len(resumes))
         return reply
 
     return handler

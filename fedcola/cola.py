@@ -237,6 +237,15 @@ class ParameterMean:
         """S += n_k (w_k' - w_k): client `cid`'s parameters changed by `change`."""
         for key, value in change.items():
             self.sum[key].add_(value.double(), alpha=self.n[cid])
+        self._refresh()
+
+    def restore(self, sums: Mapping[str, Tensor], n: Mapping[Hashable, float]) -> None:
+        """Set S and the clients' n_k (a checkpoint's), and the adapters to S / N."""
+        self.sum = {k: sums[k].to(torch.float64).clone() for k in self.sum}
+        self.n = dict(n)
+        self._refresh()
+
+    def _refresh(self) -> None:
         total = sum(self.n.values())
         with torch.no_grad():
             for key, p in self._state().items():

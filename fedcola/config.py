@@ -9,6 +9,7 @@ says which key and what was expected.
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,12 +70,15 @@ DEFAULTS: dict[str, Scalar] = {
     "eval.client-max-examples": 64,
     "eval.batch-size": 64,
     "client.num-cpus": 1,
+    "client.state-dir": "",  # clients' state dir when their node config names none (`fedcola run`: <run dir>/client-state)
     "green.rho": 0.5,
     "green.steps": 100,
     "green.reselect-every": 50,
     "green.importance-batches": 1,
     "out-dir": "runs",
     "resume-dir": "",  # a run directory to continue after its last checkpointed round (its own config is used)
+    "run-key": "",  # names the clients' state across resumes of one run (drawn at the run's start when empty)
+    "resumed-after": "",  # set by a resume: the checkpointed round of each resume so far, e.g. "2,5" (clients roll back to the last)
 }
 
 METHODS = ("fedavg_lora", "cola", "lte")
@@ -145,6 +149,10 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
             raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
     if config["round-timeout"] <= 0:
         raise ConfigError(f"config key 'round-timeout' must be > 0 seconds, got {config['round-timeout']}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]*", config["run-key"]):
+        raise ConfigError(f"config key 'run-key' must be letters, digits, '_', '.', '-', got {config['run-key']!r}")
+    if not all(r.isdigit() for r in names(config, "resumed-after")):
+        raise ConfigError(f"config key 'resumed-after' must list round numbers (e.g. \"2,5\"), got {config['resumed-after']!r}")
     for key in ("fraction-train", "green.rho", "cola.green-rho"):
         if not 0.0 < config[key] <= 1.0:
             raise ConfigError(f"config key '{key}' must be in (0, 1], got {config[key]}")

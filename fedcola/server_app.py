@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+import uuid
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from strategies.fedavg_lora import FedAvgLoRA
 from strategies.lte import make_strategy as make_lte_strategy
 
 
-RESUMABLE = ("fedavg_lora",)
+RESUMABLE = ("fedavg_lora", "cola", "lte")
 
 
 def new_run_dir(config: dict) -> Path:
@@ -48,7 +49,8 @@ def make_evaluate_fn(config: dict, ledger: Ledger, model, run_dir: Path, round_o
         state = arrays.to_torch_state_dict()
         fedavg_lora.load_trainable(model, state)
         metrics = _record_eval(ledger, server_round, lambda: train.evaluate(model, loader, config["task"]))
-        checkpoint.save(run_dir, server_round, state)
+        if server_round:  # round 0 trained nothing: no resume starts there (it would record round 0 again)
+            checkpoint.save(run_dir, server_round, state)
         return metrics
 
     return evaluate_fn
@@ -81,6 +83,8 @@ def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: ch
     personal model, averaged over clients (unmerged / detached)."""
     server = ColaServer(runtime.base_model(config), cola_fl.targets_of(config), mode=config["cola.mode"])
     strategy = ColA(server, config, ledger=ledger, num_labels=runtime.num_labels(config) if config["task"] == "classification" else None)
+    if resume:
+        strategy.load_state(resume.round, resume.tensors, resume.state)
     loader = runtime.validation_loader(config)
 
     def evaluate_fn(server_round: int, _: ArrayRecord) -> MetricRecord:
@@ -89,9 +93,14 @@ def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: ch
             per_group = [train.evaluate_logits(server.predictor(g), loader, config["task"]) for g in groups]
             return {k: sum(m[k] for m in per_group) / len(per_group) for k in per_group[0]}
 
-        return _record_eval(ledger, server_round, evaluate)
+        metrics = _record_eval(ledger, server_round, evaluate)
+        if server_round:
+            checkpoint.save(run_dir, server_round, *strategy.state_dict())
+        return metrics
 
-    strategy.start(grid=grid, num_rounds=config["rounds"], timeout=config["round-timeout"], train_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_fn)
+    done = resume.round if resume else 0
+    strategy.start(grid=grid, num_rounds=config["rounds"] - done, timeout=config["round-timeout"], train_config=ConfigRecord(dict(config)),
+                   evaluate_fn=evaluate_fn)
     cola_fl.save_adapters(run_dir / "final.safetensors", strategy.adapter_sets())
 
 
@@ -99,12 +108,22 @@ def run_lte(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: che
     """LTE (or, with ``lte.full-rank``, FedAvg of full-rank weights): the fp32 master W, merged from the
     clients' deltas; evaluated on the server. The summary's ``train_wall_time_s`` is the strategy's run."""
     strategy, weights = make_lte_strategy(config, ledger)
+    done = resume.round if resume else 0
+    if resume:
+        weights = strategy.load_state(resume.round, resume.tensors, resume.state)
     evaluate = lte_client.make_evaluator(config)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and done:
+            return None  # the resumed round is in the ledger already
+        metrics = _record_eval(ledger, server_round + done, lambda: evaluate(arrays))
+        if server_round and not config["lte.async"]:  # async: messages in flight are no state a checkpoint can hold
+            checkpoint.save(run_dir, server_round + done, *strategy.state_dict())
+        return metrics
+
     t0 = time.perf_counter()
-    result = strategy.start(
-        grid=grid, initial_arrays=weights, num_rounds=config["rounds"], timeout=config["round-timeout"], train_config=ConfigRecord(dict(config)),
-        evaluate_fn=lambda server_round, arrays: _record_eval(ledger, server_round, lambda: evaluate(arrays)),
-    )
+    result = strategy.start(grid=grid, initial_arrays=weights, num_rounds=config["rounds"] - done, timeout=config["round-timeout"],
+                            train_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_fn)
     ledger.data["summary"]["train_wall_time_s"] = time.perf_counter() - t0
     save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
 
@@ -114,6 +133,8 @@ def resumed_config(run_dir: str | Path, rounds: int | None = None) -> dict:
     saved = load_ledger(Path(run_dir) / "ledger.json")
     if saved["method"] not in RESUMABLE:
         raise ValueError(f"resuming a {saved['method']} run is not supported yet (resumable: {', '.join(RESUMABLE)})")
+    if saved["method"] == "lte" and saved["config"].get("lte.async"):
+        raise ValueError("resuming async LTE is not supported (its merges depend on the arrival order of messages lost with the server)")
     checkpoint.load(run_dir, tensors=False)  # fail here, in one line, when there is nothing to resume
     return cfg.build({**saved["config"], "resume-dir": str(run_dir), **({"rounds": rounds} if rounds is not None else {})})
 
@@ -153,7 +174,11 @@ def run_server(grid: Grid, config: dict, run_dir: Path) -> Ledger:
     """Run ``config['rounds']`` rounds of the configured method on ``grid`` (after the checkpointed
     round of ``config['resume-dir']``, if set: then ``run_dir`` is that directory); returns the ledger."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    config = config if config["run-key"] else config | {"run-key": uuid.uuid4().hex}  # the clients' state key, kept by resumes
     resume = checkpoint.load(run_dir) if config["resume-dir"] else None
+    if resume:  # clients roll their state back to the checkpoint's round (fedcola.state)
+        earlier = [r["after_round"] for r in load_ledger(run_dir / "ledger.json").get("resumed", [])]
+        config = config | {"resumed-after": ",".join(map(str, [*earlier, resume.round]))}
     ledger = Ledger.reopen(run_dir / "ledger.json", resume.round, config) if resume else Ledger(run_dir / "ledger.json", config["method"], config)
     ledger.save()
     try:

@@ -34,6 +34,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -78,6 +79,8 @@ class ColA(Strategy):
         self._layers: tuple[str, ...] | None = None  # this interval's selected layers (Green-ColA), None = all
         self._reports: dict[int, dict[str, float]] = {}  # node -> {layer: importance} of this interval
         self._probes = 0
+        self.round_offset = 0  # a resumed run continues after this round (`load_state`)
+        self._resumed: dict[int, int] = {}  # adapter id -> the checkpoint's node id, until a node of this run claims it
 
     def _green_selector(self) -> LayerSelector:
         """Green-ColA's selector, profiled at the run's server batch: the sampled clients' batches of
@@ -105,7 +108,10 @@ class ColA(Strategy):
         return [{n: a} for n, a in self.adapters.items()]
 
     def _control(self, node: int, **extra) -> ConfigRecord:
-        return ConfigRecord({"synced": self.synced.get(node, False), **extra})
+        """A message's control record; a resumed run lists the adapter ids whose checkpointed state no node
+        has claimed yet (``held``): such a client must continue from its saved state, not start afresh."""
+        held = {"held": sorted(self._resumed)} if self._resumed else {}
+        return ConfigRecord({"synced": self.synced.get(node, False), **held, **extra})
 
     def summary(self) -> None:
         c = self.config
@@ -217,6 +223,9 @@ class ColA(Strategy):
         they would otherwise count that client twice). In the parameter mean (merged linear) its share
         and its `synced` flag pass to the new node: the node's restored state (``state-dir``) continues
         the changes it sends from the version the server holds."""
+        resumed = self._resumed.pop(adapter_id, None)
+        if resumed is not None and node not in self.owner:
+            self._rekey(resumed, node)
         if node not in self.owner:
             for old in [n for n, a in self.owner.items() if a == adapter_id]:
                 log(INFO, "adapter id %d rejoined as node %d (was node %d)", adapter_id, node, old)
@@ -324,7 +333,7 @@ class ColA(Strategy):
         of) its local validation split; the server runs that client's model on it (its personal model
         W + g_k, or the shared W + mean dW in merged mode): ColA clients hold no base model."""
         return [Message(RecordDict({"config": config, "control": self._control(n, step=-1, split="validation", **{"send-adapter": False})}),
-                        dst_node_id=n, message_type=QUERY) for n in sorted(self.known)]
+                        dst_node_id=n, message_type=QUERY) for n in sorted(self.known - set(self._resumed.values()))]  # not the dead run's nodes
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-client loss and task metric on local validation data (ledger), and their example-weighted mean."""
@@ -382,10 +391,10 @@ class ColA(Strategy):
         config = ConfigRecord() if train_config is None else train_config
         result = Result()
         empty = ArrayRecord()
-        if evaluate_fn:
+        if evaluate_fn and not self.round_offset:
             result.evaluate_metrics_serverapp[0] = evaluate_fn(0, empty)
         self._wait_for_nodes(grid, timeout)
-        for rnd in range(1, num_rounds + 1):
+        for rnd in range(self.round_offset + 1, self.round_offset + num_rounds + 1):
             if self.ledger is not None:
                 self.ledger.begin_round(rnd)
             for step in range(self.config["local-steps"]):
@@ -396,7 +405,7 @@ class ColA(Strategy):
                     log(WARNING, "round %d step %d: no usable query reply; skipping the interval", rnd, step)
                     continue
                 self.begin_interval(rnd, step)
-                last = rnd == num_rounds and step == self.config["local-steps"] - 1
+                last = rnd == self.round_offset + num_rounds and step == self.config["local-steps"] - 1
                 fit = self.configure_fit(self.hidden_pairs(batches), config, grid, None if last else self._step + 1)
                 fit_replies = grid.send_and_receive(fit, timeout=timeout)
                 self.aggregate_train(rnd, fit_replies)
@@ -427,3 +436,42 @@ class ColA(Strategy):
         deadline = time.time() + timeout
         while len(list(grid.get_node_ids())) < self.config["num-clients"] and time.time() < deadline:
             time.sleep(1.0)
+
+    # --- checkpoint (server resume) ---------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What the next round needs, at the end of a round (``fedcola.checkpoint``): per-client
+        auxiliary models (``adapters/<node>/...``) or the parameter mean's float64 S (``mean/...``) as
+        tensors; node -> adapter id, ``synced``, examples, the mean's n_k and Green-ColA's selection as JSON."""
+        tensors = {f"adapters/{node}/{k}": v for node, ads in self.adapters.items() for k, v in cola_fl.adapter_record(ads).to_torch_state_dict().items()}
+        keyed = lambda held: {str(n): v for n, v in held.items()}  # noqa: E731  (JSON keys are strings)
+        state = {"owner": keyed(self.owner), "synced": keyed(self.synced), "examples": keyed(self.examples)}
+        if self.mean is not None:
+            tensors |= {f"mean/{k}": v for k, v in self.mean.sum.items()}
+            state["mean-n"] = keyed(self.mean.n)
+        if self.green is not None and self.green.mask is not None:
+            state["green"] = {"mask": self.green.mask.tolist(), "importance": self.green.importance.tolist()}
+        return tensors, state
+
+    def load_state(self, server_round: int, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """Continue after ``server_round`` from :meth:`state_dict`'s output. Nodes of the new run have new
+        ids: the first reply carrying an adapter id takes over that id's state (``_rekey``)."""
+        by_node = lambda key: {int(n): v for n, v in state.get(key, {}).items()}  # noqa: E731
+        self.round_offset = server_round
+        self.owner, self.synced, self.examples = by_node("owner"), by_node("synced"), by_node("examples")
+        nodes = {int(k.split("/", 2)[1]) for k in tensors if k.startswith("adapters/")}
+        self.adapters = {n: self._new_adapters(ArrayRecord({k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"adapters/{n}/")}))
+                         for n in sorted(nodes)}
+        if self.mean is not None:
+            self.mean.restore({k[len("mean/"):]: v for k, v in tensors.items() if k.startswith("mean/")}, by_node("mean-n"))
+        if self.green is not None and "green" in state:
+            self.green.mask = np.array(state["green"]["mask"], dtype=bool)
+            self.green.importance = np.array(state["green"]["importance"])
+        self._resumed = {a: n for n, a in self.owner.items()}
+
+    def _rekey(self, old: int, node: int) -> None:
+        """Node ``node`` of a resumed run takes over the checkpointed state of node ``old`` (same adapter id)."""
+        for held in (self.owner, self.adapters, self.examples, self.synced):
+            if old in held:
+                held[node] = held.pop(old)
+        if self.mean is not None and old in self.mean.n:
+            self.mean.n[node] = self.mean.n.pop(old)

@@ -72,6 +72,7 @@ class LTE(Strategy):
         self._full: tuple[int, ArrayRecord] | None = None  # (version, W as a record), built once per version
         self.sent: dict[int, tuple[int, int]] = {}  # node -> (version its W holds, bytes sent)
         self._round_nodes: list[int] = []
+        self.round_offset = 0  # a resumed run: Flower's round r is the run's round r + offset (`load_state`)
 
     # --- sending -------------------------------------------------------------------------------
 
@@ -108,6 +109,7 @@ class LTE(Strategy):
         return Message(content, dst_node_id=node, message_type=self.message_type, group_id=str(server_round))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._init_weights(arrays)
         if self.ledger is not None:
             self.ledger.begin_round(server_round)
@@ -158,6 +160,7 @@ class LTE(Strategy):
         self.history.pop(self.version - self.history_size, None)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         answered = {m.metadata.src_node_id for m in replies}
         for node in set(self._round_nodes) - answered:
@@ -185,6 +188,23 @@ class LTE(Strategy):
     def summary(self) -> None:
         log(INFO, "\t├── %s: head rank r=%s, %s mean, %d mergeable tensors", type(self).__name__, self.r,
             "example-weighted" if self.weighted else "plain", len(self.W))
+
+    # --- checkpoint (server resume) --------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict]:
+        """The fp32 master ``W`` and its version, at the end of a round (``fedcola.checkpoint``). The
+        per-node bookkeeping (``sent``, ``history``) is not kept: a resumed run's nodes are unknown to
+        it, so each gets one full sync of ``W`` (bit-identical to the ``W`` its restored state holds)."""
+        return self.W, {"version": self.version}
+
+    def load_state(self, server_round: int, tensors: dict[str, Tensor], state: dict) -> ArrayRecord:
+        """Continue after ``server_round`` from :meth:`state_dict`'s output; returns ``W`` as ``start``'s
+        ``initial_arrays``. Synchronous LTE only (``LTEAsync`` loses its messages in flight)."""
+        if isinstance(self, LTEAsync):
+            raise ValueError("resuming async LTE is not supported")
+        self.W = {k: v.float() for k, v in tensors.items()}
+        self.version, self.round_offset = int(state["version"]), server_round
+        return ArrayRecord(self.W)
 
 
 class LTEAsync(LTE):

@@ -44,8 +44,8 @@ def _server(config, ledger=None):
     return ColA(ColaServer(model, cola_fl.targets_of(config), mode=config["cola.mode"]), config, ledger=ledger, num_labels=2)
 
 
-def _query_reply(config, node, pid, step=0, send_adapter=True):
-    request = Message(RecordDict({"config": ConfigRecord(dict(config)), "control": ConfigRecord({"step": step, "send-adapter": send_adapter})}),
+def _query_reply(config, node, pid, step=0):
+    request = Message(RecordDict({"config": ConfigRecord(dict(config)), "control": ConfigRecord({"step": step, "send-adapter": True})}),
                       dst_node_id=node, message_type="query.cola")
     context = Context(run_id=1, node_id=node, node_config={"partition-id": pid, "num-partitions": 2}, state=RecordDict(), run_config={})
     return cola_client.query(request, context, config, (pid, 2)), context
@@ -152,7 +152,7 @@ def test_another_clients_adapter_id_is_rejected(setup, tmp_path):
     strategy = _server(config, ledger)
     first, _ = _query_reply(config, 1, 0)
     strategy._accept_queries(1, [first])
-    impostor, _ = _query_reply(config, 1, 1, send_adapter=False)  # node 1 now claims partition 1's adapter
+    impostor, _ = _query_reply(config, 1, 1)  # node 1 now claims partition 1's adapter
     assert strategy._accept_queries(1, [impostor]) == {}
     assert "holds adapter 0" in ledger._round["skipped"][0]["reason"]
 

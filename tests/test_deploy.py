@@ -76,14 +76,20 @@ def test_cola_and_lte_runs_on_a_plain_deployment(plain, assets, tmp_path):
     with safe_open(str(run_dir / "final.safetensors"), "pt") as f:
         assert len({k.split("/", 1)[0] for k in f.keys()}) == 3  # one set of auxiliary models per node
     for i in range(3):  # query, fit, evaluation query: each saved after it was handled
-        saved = state.read(state.state_path(plain.root / f"state{i}", run_id))
-        assert dict(saved.config_records[state.NODE]) == {"messages": 3, "restores": 0, "server-round": 1}
+        saved = state.read(_latest(plain.root / f"state{i}"))
+        assert dict(saved.config_records[state.NODE]) == {"messages": 3, "restores": 0, "server-round": 1, "run-id": str(run_id), "generation": 0, "first-round": 1}
         assert "cola.adapters" in saved.array_records and "cola.optimizer" in saved.array_records
     run_and_check(plain, assets, "lte", tmp_path / "lte", 3)
 
 
-def _messages(path: Path) -> int:
-    return int(state.read(path).config_records[state.NODE]["messages"]) if path.exists() else 0
+def _latest(state_dir: Path) -> Path | None:
+    """The snapshot a SuperNode's state dir (per run key and partition, per round) received last."""
+    return max(state_dir.glob("*/partition-*/round-*.safetensors"), key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def _messages(state_dir: Path) -> int:
+    path = _latest(state_dir)
+    return int(state.read(path).config_records[state.NODE]["messages"]) if path else 0
 
 
 def test_killed_supernode_run_goes_on_and_restarted_node_resumes_from_its_state(plain, assets, tmp_path):
@@ -93,7 +99,7 @@ def test_killed_supernode_run_goes_on_and_restarted_node_resumes_from_its_state(
     adapter id, whose old node leaves the merged mean."""
     out = tmp_path / "kill"
     run_id = plain.submit(ROOT, run_config(assets, "cola", out, 3, local_steps=3))
-    saved = state.state_path(plain.root / "state1", run_id)
+    saved = plain.root / "state1"
     deadline = time.time() + 600
     while _messages(saved) < 2:  # query + fit of the first interval handled and saved
         assert time.time() < deadline, plain.log("node1")[-3000:]
@@ -102,7 +108,7 @@ def test_killed_supernode_run_goes_on_and_restarted_node_resumes_from_its_state(
     at_kill = _messages(saved)
     plain.add_node("node1", {"partition-id": 1, "num-partitions": 2, "state-dir": str(plain.root / "state1")})
     assert plain.wait(run_id) == "finished:completed", plain.log("superlink")[-3000:]
-    node = dict(state.read(saved).config_records[state.NODE])
+    node = dict(state.read(_latest(saved)).config_records[state.NODE])
     assert node["restores"] == 1 and node["messages"] > at_kill
     assert "restored client state of run" in plain.log("node1")
     (ledger_file,) = list(out.rglob("ledger.json"))

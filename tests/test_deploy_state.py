@@ -75,18 +75,18 @@ def test_restarted_node_continues_exactly_from_its_state_dir(setup, tmp_path):
     live = _context(node_config)
     client_app.cola_train_handler(_interval(config, strategy, live, 0), live)
     fit = _interval(config, strategy, live, 1)
-    path = state.state_path(tmp_path / "state", 7)
+    path = state.client_dir(tmp_path / "state", "run-7", 0) / "round-1.safetensors"  # no run-key in the config: the Flower run's id
     saved = state.read(path)
     assert _arrays(saved).keys() == _arrays(live.state).keys()
     assert all(torch.equal(v, _arrays(live.state)[k]) for k, v in _arrays(saved).items())
-    assert dict(saved.config_records[state.NODE]) == {"messages": 3, "restores": 0, "server-round": 1}
+    assert dict(saved.config_records[state.NODE]) == {"messages": 3, "restores": 0, "server-round": 1, "run-id": "7", "generation": 0, "first-round": 1}
 
     restarted = _context(node_config)  # a new SuperNode process: empty context.state
     from_disk = client_app.cola_train_handler(fit, restarted)
     continued = client_app.cola_train_handler(fit, live)
     a, b = (r.content.array_records["adapter"].to_torch_state_dict() for r in (from_disk, continued))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
-    assert dict(restarted.state.config_records[state.NODE]) == {"messages": 4, "restores": 1, "server-round": 1}
+    assert dict(restarted.state.config_records[state.NODE]) == {"messages": 4, "restores": 1, "server-round": 1, "run-id": "7", "generation": 0, "first-round": 1}
     assert not list(path.parent.glob("*.tmp"))
 
 
@@ -100,10 +100,10 @@ def test_state_file_round_trips_every_record_kind(tmp_path):
 
 
 def test_damaged_state_file_is_a_clear_error(tmp_path):
-    path = state.state_path(tmp_path, 7)
+    path = tmp_path / "round-1.safetensors"
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="unreadable.*delete it"):
-        state.restore(_context({}), str(tmp_path))
+        state.restore(_context({}), tmp_path)
 
 
 def test_node_data_path_maps_labels_onto_the_runs_classes(setup, tmp_path):

@@ -11,15 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-from fedcola import checkpoint, ledger
+from fedcola import checkpoint, client_app, cola_fl, ledger, models, state
+from fedcola import config as cfg
 from fedcola.cli import main as cli_main
+from fedcola.cola import ColaServer
+from strategies.cola import ColA
+from tests.test_deploy_state import tiny_assets
 from tests.test_simulation import _leftovers, _tagged_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "num-clients=2", "--set", "rounds=3", "--set", "local-steps=2", "--set", "batch-size=4",
         "--set", "eval.max-examples=32", "--set", "data.max-length=32"]
+TINY_COLA = [*TINY[:2], "--set", "rounds=2", *TINY[4:], "--set", "eval.client-max-examples=8"]
+TINY_LTE = [*TINY[:2], "--set", "rounds=2", *TINY[4:]]
 
 
 def _fedcola(args, tag, **kwargs):
@@ -34,14 +42,17 @@ def _checkpoint_round(run_dir: Path) -> int:
         return 0
 
 
-def test_killed_fedavg_lora_run_resumes_to_the_uninterrupted_weights(tmp_path):
+def _killed_and_resumed(config_file: str, args: list[str], tmp_path: Path) -> tuple[Path, Path, int]:
+    """An uninterrupted run, and the same run SIGKILLed (ServerApp, simulation and clients) as soon as
+    its first checkpoint exists, then resumed with ``fedcola run --resume``; returns (full, resumed run
+    dir, round of the checkpoint it resumed from). Asserts the resumed ledger holds each round once."""
     tag = uuid.uuid4().hex
     full, cut = tmp_path / "full", tmp_path / "cut"
-    reference = _fedcola(["simulations/fedavg_lora_minilm.toml", "--run-dir", str(full), *TINY], tag)
+    reference = _fedcola([config_file, "--run-dir", str(full), *args], tag)
     out, _ = reference.communicate(timeout=900)
     assert reference.returncode == 0, out[-3000:]
 
-    victim = _fedcola(["simulations/fedavg_lora_minilm.toml", "--run-dir", str(cut), *TINY], tag)
+    victim = _fedcola([config_file, "--run-dir", str(cut), *args], tag)
     deadline = time.time() + 900
     while _checkpoint_round(cut) < 1 and victim.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -51,19 +62,63 @@ def test_killed_fedavg_lora_run_resumes_to_the_uninterrupted_weights(tmp_path):
         p.kill()
     victim.wait()
     killed_after = _checkpoint_round(cut)
-    assert 1 <= killed_after < 3 and ledger.load(cut / "ledger.json")["status"] == "running"
+    rounds = ledger.load(full / "ledger.json")["config"]["rounds"]
+    assert 1 <= killed_after < rounds and ledger.load(cut / "ledger.json")["status"] == "running"
 
     resumed = _fedcola(["--resume", str(cut)], tag)
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-3000:]
     result = ledger.load(cut / "ledger.json")
-    assert result["status"] == "completed" and [r["round"] for r in result["rounds"]] == [0, 1, 2, 3]
+    assert result["status"] == "completed" and [r["round"] for r in result["rounds"]] == list(range(rounds + 1))
     assert result["resumed"][0]["after_round"] == killed_after
-    a, b = load_file(str(full / "final.safetensors")), load_file(str(cut / "final.safetensors"))
+    assert not _leftovers(tag)
+    return full, cut, killed_after
+
+
+def _assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), key
-    assert not _leftovers(tag)
+
+
+def test_killed_fedavg_lora_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    full, cut, _ = _killed_and_resumed("simulations/fedavg_lora_minilm.toml", TINY, tmp_path)
+    _assert_same(load_file(str(full / "final.safetensors")), load_file(str(cut / "final.safetensors")))
+
+
+def _by_partition(run_dir: Path) -> dict:
+    """A ColA run's final auxiliary models keyed by adapter id (partition) instead of node id."""
+    last = ledger.load(run_dir / "ledger.json")["rounds"][-1]["clients"]
+    partition = {str(c["node_id"]): c["partition_id"] for c in last}
+    return {f"{partition[k.split('/', 1)[0]]}/{k.split('/', 1)[1]}": v for k, v in load_file(str(run_dir / "final.safetensors")).items()}
+
+
+def test_killed_cola_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Merged low-rank ColA: the server's per-client auxiliary models and bookkeeping come from the
+    checkpoint, each client's adapters + optimizer from its snapshot of the checkpointed round
+    (the virtual clients of the killed run may have handled messages of the next round)."""
+    full, cut, _ = _killed_and_resumed("simulations/cola_minilm_rt.toml", TINY_COLA, tmp_path)
+    a, b = _by_partition(full), _by_partition(cut)
+    assert {k.split("/", 1)[0] for k in a} == {"0", "1"}
+    _assert_same(a, b)
+    _assert_restored(cut)
+
+
+def _assert_restored(run_dir: Path) -> None:
+    """Every client of the resumed run continued from a snapshot (not afresh)."""
+    folders = list((run_dir / "client-state").glob("*/partition-*"))
+    assert len(folders) == 2
+    for folder in folders:
+        saved = state.snapshots(folder)
+        assert int(state.read(saved[max(saved)]).config_records[state.NODE]["restores"]) == 1, folder
+
+
+def test_killed_lte_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Synchronous LTE: the checkpoint holds the fp32 master W and its version; each client restores
+    W, heads, snapshot and optimizer state of the checkpointed round."""
+    full, cut, _ = _killed_and_resumed("simulations/lte_gpt_hamlet.toml", TINY_LTE, tmp_path)
+    _assert_same(load_file(str(full / "final.safetensors")), load_file(str(cut / "final.safetensors")))
+    _assert_restored(cut)
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
@@ -80,3 +135,154 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     (run / checkpoint.FILE).write_bytes(b"garbage")
     with pytest.raises(ValueError, match="unreadable"):
         checkpoint.load(run)
+
+
+# --- client snapshots and the server's ColA state, in process (tiny BERT, local CSV) -----------------
+
+
+@pytest.fixture
+def _identity():
+    """Flower stamps messages with the task identity of the process (set by its runtime)."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    assets = tiny_assets(tmp_path_factory.mktemp("resume-tiny"))
+    return cfg.build({"method": "cola", "model": str(assets["model"]), "dataset": str(assets["data"]), "num-clients": 2,
+                      "batch-size": 4, "data.max-length": 16, "lr": 1e-2, "run-key": "key"})
+
+
+def _context(run_id, partition=0, state_dir=None):
+    node_config = {"partition-id": partition, "num-partitions": 2} | ({"state-dir": str(state_dir)} if state_dir else {})
+    return Context(run_id=run_id, node_id=3, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _from(msg: Message, node: int) -> Message:
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+def _interval(strategy, contexts, rnd, step, config, drop=()):
+    """One ColA interval of round ``rnd`` through the ClientApp's handlers (node id -> context) and the
+    strategy's own steps; the fit replies of ``drop`` are lost. Returns the messages the clients got."""
+    record = ConfigRecord(dict(config) | {"server-round": rnd})
+    strategy._connected = set(contexts)
+    queries = [Message(RecordDict({"config": record, "control": strategy._control(n, step=step, **{"send-adapter": n not in strategy.known})}),
+                       dst_node_id=n, message_type="query.cola") for n in contexts]
+    batches = strategy._accept_queries(rnd, [_from(client_app.cola_query_handler(q, contexts[q.metadata.dst_node_id]), q.metadata.dst_node_id) for q in queries])
+    fits = strategy.configure_fit(strategy.hidden_pairs(batches), record)
+    replies = [_from(client_app.cola_train_handler(m, contexts[m.metadata.dst_node_id]), m.metadata.dst_node_id) for m in fits]
+    strategy.aggregate_train(rnd, [r for r in replies if r.metadata.src_node_id not in drop])
+    return queries, fits
+
+
+def _adapter(reply: Message) -> dict:
+    return reply.content.array_records["adapter"].to_torch_state_dict()
+
+
+def _strategy(config):
+    return ColA(ColaServer(models.load_model(config["model"], "classification", num_labels=2), cola_fl.targets_of(config)), config, num_labels=2)
+
+
+@pytest.mark.usefixtures("_identity", "one_thread")
+def test_resumed_client_rolls_back_to_its_snapshot_of_the_checkpointed_round(tiny, tmp_path):
+    """A client that handled round 2 of the killed run (run 7) restores, in the run resumed after round 1
+    (run 8), its round-1 snapshot and redoes round 2 exactly; a missing snapshot or another run's state
+    is a clear error, never a silent fresh start."""
+    config = tiny
+    strategy = _strategy(config)
+    killed = _context(7, state_dir=tmp_path)
+    q1, f1 = _interval(strategy, {3: killed}, 1, 0, config)
+    q2, f2 = _interval(strategy, {3: killed}, 2, 1, config)  # the server dies after this, before round 2 ends
+    folder = state.client_dir(tmp_path, "key", 0)
+    assert sorted(state.snapshots(folder)) == [1, 2]
+
+    reference = _context(99)  # an uninterrupted client without a state dir
+    for msg in (*q1, *f1, *q2):
+        client_app.cola_query_handler(msg, reference) if msg.metadata.message_type == "query.cola" else client_app.cola_train_handler(msg, reference)
+    expected = _adapter(client_app.cola_train_handler(f2[0], reference))
+    twice = _adapter(client_app.cola_train_handler(f2[0], killed))  # what the round-2 state would give: a wrong start
+    assert any(not torch.equal(twice[k], expected[k]) for k in expected)
+
+    q2, f2 = (_resent(m[0], "1") for m in (q2, f2))  # round 2 again, from the run resumed after round 1
+    resumed = _context(8, state_dir=tmp_path)
+    client_app.cola_query_handler(q2, resumed)
+    got = _adapter(client_app.cola_train_handler(f2, resumed))
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    node = resumed.state.config_records[state.NODE]
+    assert (node["restores"], node["run-id"], node["generation"], node["first-round"]) == (1, "8", 1, 1)
+    assert sorted(state.snapshots(folder)) == [1, 2]
+    assert state.read(state.snapshots(folder)[2]).config_records[state.NODE]["run-id"] == "8"
+
+    with pytest.raises(ValueError, match="not its resume"):
+        client_app.cola_query_handler(_resent(q2, ""), _context(9, state_dir=tmp_path))
+    state.snapshots(folder)[1].unlink()
+    with pytest.raises(ValueError, match="snapshot of round <= 1 is missing"):
+        client_app.cola_query_handler(_resent(q2, "1,1"), _context(10, state_dir=tmp_path))
+    with pytest.raises(ValueError, match="no state for them"):  # the server holds its adapters: no fresh start
+        client_app.cola_query_handler(q2, _context(11))
+    second = _strategy(config)
+    second.load_state(1, *strategy.state_dict())  # a resumed server, before any node claimed adapter id 0
+    lost = Message(RecordDict({"config": q2.content.config_records["config"], "control": second._control(5, step=1, **{"send-adapter": True})}),
+                   dst_node_id=5, message_type="query.cola")
+    with pytest.raises(ValueError, match="no state for them"):
+        client_app.cola_query_handler(lost, _context(12))
+
+
+def _resent(msg: Message, resumed_after: str) -> Message:
+    """``msg`` as a run with ``resumed-after`` would send it."""
+    content = RecordDict(dict(msg.content.items()))
+    content["config"] = ConfigRecord(dict(msg.content.config_records["config"]) | {"resumed-after": resumed_after})
+    return Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
+
+
+@pytest.mark.usefixtures("_identity", "one_thread")
+def test_merged_linear_server_state_resumes_under_new_node_ids(tiny, tmp_path):
+    """The parameter mean (float64 S, n_k), the synced flags (here one lost reply) and the adapter ids
+    pass through a checkpoint to a strategy whose nodes have new ids: the next interval is the same."""
+    config = tiny | {"cola.adapter": "linear", "cola.weighting": "examples"}
+    first = _strategy(config)
+    live = {3: _context(7, 0), 4: _context(7, 1)}
+    _interval(first, live, 1, 0, config, drop={4})
+    assert first.synced == {3: True, 4: False}
+    checkpoint.save(tmp_path, 1, *first.state_dict())
+    saved = checkpoint.load(tmp_path)
+    second = _strategy(config)
+    second.load_state(saved.round, saved.tensors, saved.state)
+    moved = {13: _context(8, 0), 14: _context(8, 1)}
+    for old, new in zip(live.values(), moved.values()):
+        state.write(old.state, tmp_path / "c.safetensors")
+        for name, record in state.read(tmp_path / "c.safetensors").items():
+            new.state[name] = record
+    _interval(first, live, 2, 1, config)
+    _interval(second, moved, 2, 1, config)
+    assert second.owner == {13: 0, 14: 1} and second.synced == {13: True, 14: True} and second.round_offset == 1
+    assert list(second.mean.n.values()) == list(first.mean.n.values())
+    assert all(torch.equal(first.mean.sum[k], second.mean.sum[k]) for k in first.mean.sum)
+
+
+def test_rollback_drops_the_rounds_each_killed_run_never_checkpointed(tmp_path):
+    """Run 1 handled rounds 1-3 (pruning kept 2 and 3) and was resumed after round 2 by run 2, which
+    never contacted this client and was itself resumed after round 5: run 3 loads round 2, not the
+    newer round 3 of the first killed run."""
+    def snapshot(folder, r, run, generation, first):
+        node = {"messages": r, "restores": 0, "server-round": r, "run-id": str(run), "generation": generation, "first-round": first}
+        state.write(RecordDict({"w": ArrayRecord({"x": torch.tensor([float(r)])}), state.NODE: ConfigRecord(node)}), folder / f"round-{r}.safetensors")
+
+    def restore(folder, resumes, run=3):
+        context = Context(run_id=run, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        return state.restore(context, folder, resumes), context
+
+    snapshot(tmp_path / "a", 2, 1, 0, 1)
+    snapshot(tmp_path / "a", 3, 1, 0, 1)
+    loaded, context = restore(tmp_path / "a", [2, 5])
+    assert loaded and context.state["w"]["x"].numpy().tolist() == [2.0] and sorted(state.snapshots(tmp_path / "a")) == [2]
+    snapshot(tmp_path / "b", 3, 1, 0, 3)  # first contact after the checkpoint: a new client, exactly
+    assert restore(tmp_path / "b", [2])[0] is False and not state.snapshots(tmp_path / "b")
+    snapshot(tmp_path / "c", 3, 1, 0, 1)  # its round-2 snapshot is gone
+    with pytest.raises(ValueError, match="snapshot of round <= 2 is missing"):
+        restore(tmp_path / "c", [2])
+    snapshot(tmp_path / "d", 6, 3, 2, 1)  # written by this very run: a restarted SuperNode continues from it
+    loaded, context = restore(tmp_path / "d", [2, 5])
+    assert loaded and context.state["w"]["x"].numpy().tolist() == [6.0]
