@@ -162,12 +162,12 @@ class ColaServer:
                 full = cap.pairs(torch.stack(losses).sum())
 
         mask = batch.get("attention_mask")
-        masks = mask.split(sizes) if mask is not None else [None] * len(cids)
-        split = {layer: (x.split(sizes), G.split(sizes)) for layer, (x, G) in full.items()}
-        pairs = {
-            cid: {layer: token_rows(xs[i], Gs[i], masks[i]) for layer, (xs, Gs) in split.items()}
-            for i, cid in enumerate(cids)
-        }
+        tokens = [int(m.sum()) for m in mask.split(sizes)] if mask is not None else None
+        pairs: dict[Hashable, dict[str, tuple[Tensor, Tensor]]] = {cid: {} for cid in cids}
+        for layer, (x, G) in full.items():  # the batch's token rows once per layer, then each client's share of them
+            rows = sizes if x.dim() == 2 else tokens or [n * x.shape[1] for n in sizes]
+            for cid, xi, Gi in zip(cids, *(t.split(rows) for t in token_rows(x, G, mask))):
+                pairs[cid][layer] = (xi, Gi)
         return HiddenGrads(
             pairs=pairs,
             loss={c: float(l.detach()) for c, l in zip(cids, losses)},

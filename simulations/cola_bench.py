@@ -366,7 +366,9 @@ def run_suite(quick: bool, threads: int, model: str, only: list[str] | None = No
     if only is None:
         return {"machine": info, "results": results}
     kept = [r for r in previous["results"] if not remeasured(r["config"], only)]
-    return {"machine": previous["machine"], "remeasured": {**info, "methods": only}, "results": kept + results}
+    earlier = previous.get("remeasured", [])
+    earlier = [earlier] if isinstance(earlier, dict) else earlier
+    return {"machine": previous["machine"], "remeasured": [*earlier, {**info, "methods": only}], "results": kept + results}
 
 
 # --- tables, targets, plots --------------------------------------------------------------------
@@ -459,10 +461,10 @@ def write_readme(doc: dict, out: Path) -> None:
              f"{info['suite_wall_s'] / 60:.1f} min; raw numbers in `results.json`. torch {info['torch']}, "
              f"{info['torch_threads']} torch thread(s), {info['cpu_count']} CPUs, shared machine "
              f"(load average {info['load_average_start'][0]:.1f} at start, {info['load_average_end'][0]:.1f} at end)."
-             + (f" Rows of {', '.join(doc['remeasured']['methods'])} re-measured later with `--only` in "
-                f"{doc['remeasured']['suite_wall_s'] / 60:.1f} min (load average {doc['remeasured']['load_average_start'][0]:.1f} at "
-                f"start, {doc['remeasured']['load_average_end'][0]:.1f} at end): compare their times with the K=1 row of the same "
-                "method, not across methods." if "remeasured" in doc else ""), "",
+             + "".join(f" Rows of {', '.join(r['methods'])} re-measured later with `--only` in {r['suite_wall_s'] / 60:.1f} min "
+                       f"(load average {r['load_average_start'][0]:.1f} at start, {r['load_average_end'][0]:.1f} at end)."
+                       for r in ([doc["remeasured"]] if isinstance(doc.get("remeasured"), dict) else doc.get("remeasured", [])))
+             + (" Compare re-measured times with the K=1 row of the same method, not across methods." if doc.get("remeasured") else ""), "",
              "Method: each row is a fresh subprocess (`--one`). Step time = fastest of "
              f"{ms[0]['config']['repeats']} (a) / {ks[0]['config']['repeats']} (b) steps after a warm-up step. `maxrss` = the process peak (ru_maxrss, includes "
              "the model, imports and data); `server mem` = peak RSS (psutil, sampled every 2 ms) from building the "
