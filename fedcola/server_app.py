@@ -96,8 +96,8 @@ def run_lte(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: che
     evaluate = lte_client.make_evaluator(config)
     t0 = time.perf_counter()
     result = strategy.start(
-        grid=grid, initial_arrays=weights, num_rounds=config["rounds"], train_config=ConfigRecord(dict(config)),
-        evaluate_fn=lambda server_round, arrays: _record_eval(ledger, server_round, evaluate(arrays)),
+        grid=grid, initial_arrays=weights, num_rounds=config["rounds"], timeout=config["lte.round-timeout-s"],
+        train_config=ConfigRecord(dict(config)), evaluate_fn=lambda server_round, arrays: _record_eval(ledger, server_round, evaluate(arrays)),
     )
     ledger.data["summary"]["train_wall_time_s"] = time.perf_counter() - t0
     save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
