@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Scalar] = {
     "lte.async-mix": 0.0,
     "lte.full-rank": False,
     "lte.slowdown": "",
+    "lte.node-wait-s": 60.0,  # a sync round waits this long for num-clients nodes, then goes on with those connected
     "scratch.hidden": 64,
     "scratch.layers": 2,
     "scratch.heads": 4,

@@ -97,8 +97,10 @@ def main() -> None:
     gaps = {arm: [100 * (final[arm][s] - final["lora-central"][s]) for s in seeds] for arm in ("cola-lowrank", "cola-linear")}
     summary = {arm: dict(zip(("mean", "se"), mean_se(list(f.values())))) for arm, f in final.items()}
     paired = {arm: dict(zip(("mean", "se"), mean_se(g))) for arm, g in gaps.items()}
-    lowrank_ok = abs(paired["cola-lowrank"]["mean"]) <= 1
-    linear_ok = paired["cola-linear"]["mean"] >= 0
+    # accuracies on 1000 examples are multiples of 0.1 points: compare at that resolution, not at float noise
+    lowrank_gap = round(paired["cola-lowrank"]["mean"], 6)
+    lowrank_ok, lowrank_not_worse = abs(lowrank_gap) <= 1, lowrank_gap >= -1
+    linear_ok = round(paired["cola-linear"]["mean"], 6) >= 0
     result = {"config": config, "seeds": seeds, "steps": args.rounds * args.steps_per_round, "curves": curves, "final": final,
               "summary": summary, "paired_gap_points": paired, "wall_time_s": time.time() - t0}
     (out / "accuracy.json").write_text(json.dumps(result, indent=1))
@@ -114,7 +116,8 @@ def main() -> None:
         *[f"| {arm} | " + " | ".join(" / ".join(f"{a:.3f}" for a in per_seed[s]) for s in seeds)
           + f" | **{summary[arm]['mean']:.3f}** +- {summary[arm]['se']:.3f} |" for arm, per_seed in curves.items()], "",
         f"- ColA low-rank minus centralized LoRA, paired by seed: {paired['cola-lowrank']['mean']:+.1f} +- {paired['cola-lowrank']['se']:.1f} points "
-        f"(per seed {', '.join(f'{g:+.1f}' for g in gaps['cola-lowrank'])}; target: within 1 point) -> {'holds' if lowrank_ok else 'does not hold'}",
+        f"(per seed {', '.join(f'{g:+.1f}' for g in gaps['cola-lowrank'])}; target: within 1 point) -> {'holds' if lowrank_ok else 'does not hold'}"
+        f"; at most 1 point below it -> {'holds' if lowrank_not_worse else 'does not hold'}",
         f"- ColA linear-merged minus LoRA, paired by seed: {paired['cola-linear']['mean']:+.1f} +- {paired['cola-linear']['se']:.1f} points "
         f"(per seed {', '.join(f'{g:+.1f}' for g in gaps['cola-linear'])}; target: >= 0) -> {'holds' if linear_ok else 'does not hold'}",
         "", "ColA clients hold out 10% of their partition for client-side evaluation and train on the rest; the centralized arm trains "

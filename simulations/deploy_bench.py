@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--methods", default=",".join(CONFIGS), help="comma-separated methods to measure (default: all)")
     ap.add_argument("--report-only", action="store_true", help="rewrite README.md / latency.png from <out>/results.json")
     args = ap.parse_args(argv)
     out = ROOT / args.out
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     from rich.progress import Progress
 
     results = []
-    jobs = [(m, arm) for _ in range(args.repeats) for m in CONFIGS for arm in ("simulation", "deployment")]
+    jobs = [(m, arm) for _ in range(args.repeats) for m in args.methods.split(",") for arm in ("simulation", "deployment")]
     with tempfile.TemporaryDirectory() as tmp, Progress() as progress:
         task = progress.add_task("deploy bench", total=len(jobs))
         for i, (method, arm) in enumerate(jobs):

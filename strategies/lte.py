@@ -19,6 +19,7 @@ non-finite values skip that reply with a logged reason and a ledger entry; the r
 from __future__ import annotations
 
 import io
+import random
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -27,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
-from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info, sample_nodes
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from torch import Tensor
 
 from fedcola.ledger import Ledger
@@ -45,7 +46,12 @@ class LTE(Strategy):
     evaluate_fn=...)`` as any Flower strategy; ``initial_arrays`` holds the mergeable weights
     (``fedcola.lte.base_weights``), ``frozen_arrays`` the frozen non-LoRA parameters sent with
     every full sync. ``r`` (head rank) bounds the accepted factor rank at ``2 r``; ``weighted``
-    weights the mean by examples (the paper: plain mean)."""
+    weights the mean by examples (the paper: plain mean).
+
+    Each round waits up to ``node_wait`` s for ``min_available_nodes`` connected nodes, then goes on
+    with those connected (logged, ledger ``nodes_connected``; a node the SuperLink declared offline
+    is no longer listed); a sampled node whose reply has not come when ``start``'s ``timeout`` ends
+    the round is skipped (logged, ledger ``skipped``) and gets a full sync when it answers again."""
 
     def __init__(
         self,
@@ -54,6 +60,7 @@ class LTE(Strategy):
         frozen_arrays: ArrayRecord | None = None,
         fraction_train: float = 1.0,
         min_available_nodes: int = 1,
+        node_wait: float = 60.0,
         weighted: bool = False,
         ledger: Ledger | None = None,
         message_type: str = MESSAGE_TYPE,
@@ -62,6 +69,7 @@ class LTE(Strategy):
         self.frozen = frozen_arrays if frozen_arrays is not None else ArrayRecord()
         self.fraction_train = fraction_train
         self.min_available_nodes = min_available_nodes
+        self.node_wait = node_wait
         self.weighted = weighted
         self.ledger = ledger
         self.message_type = message_type
@@ -71,7 +79,7 @@ class LTE(Strategy):
         self.history_size = 1
         self._full: tuple[int, ArrayRecord] | None = None  # (version, W as a record), built once per version
         self.sent: dict[int, tuple[int, int]] = {}  # node -> (version its W holds, bytes sent)
-        self._round_nodes: list[int] = []
+        self._round_messages: list[Message] = []  # this round's, their ids set by the Grid when pushed
         self.round_offset = 0  # a resumed run: Flower's round r is the run's round r + offset (`load_state`)
 
     # --- sending -------------------------------------------------------------------------------
@@ -113,9 +121,23 @@ class LTE(Strategy):
         self._init_weights(arrays)
         if self.ledger is not None:
             self.ledger.begin_round(server_round)
-        sample_size = max(1, int(max(len(list(grid.get_node_ids())), self.min_available_nodes) * self.fraction_train))
-        self._round_nodes, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
-        return [self._message(node, config, server_round) for node in self._round_nodes]
+        available = self._available_nodes(server_round, grid)
+        if self.ledger is not None and len(available) < self.min_available_nodes:
+            self.ledger.server(server_round, nodes_connected=len(available))
+        self._round_messages = [self._message(node, config, server_round)
+                                for node in random.sample(available, max(1, int(len(available) * self.fraction_train)))]
+        return self._round_messages
+
+    def _available_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """The connected nodes after waiting up to ``node_wait`` s for ``min_available_nodes`` of them
+        (then for at least one, as Flower's ``sample_nodes`` does)."""
+        deadline = time.time() + self.node_wait
+        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes and (not nodes or time.time() < deadline):
+            time.sleep(1.0)
+        if len(nodes) < self.min_available_nodes:
+            log(WARNING, "round %d: %d of %d nodes connected after %.0f s; going on with them", server_round,
+                len(nodes), self.min_available_nodes, self.node_wait)
+        return nodes
 
     # --- receiving -----------------------------------------------------------------------------
 
@@ -162,9 +184,13 @@ class LTE(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         replies = list(replies)
-        answered = {m.metadata.src_node_id for m in replies}
-        for node in set(self._round_nodes) - answered:
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self._round_messages}
+        for node in sorted(set(dst.values()) - {dst.get(m.metadata.reply_to_message_id) for m in replies}):
             self.sent.pop(node, None)  # no reply: unknown whether it applied the update
+            skip(server_round, node, "no reply within the round timeout; dropped", self.ledger)
+        for m in replies:  # an error the SuperLink sends for an unavailable node names itself as the source
+            if m.has_error():
+                self.sent.pop(dst.get(m.metadata.reply_to_message_id), None)
         kept = self._screen(server_round, replies)
         if not kept:
             log(WARNING, "round %d: no usable reply, W unchanged", server_round)
@@ -285,7 +311,7 @@ class LTEAsync(LTE):
         result = Result()
         if evaluate_fn is not None and (res := evaluate_fn(0, initial_arrays)) is not None:
             result.evaluate_metrics_serverapp[0] = res
-        _, nodes = sample_nodes(grid, self.min_available_nodes, 1)
+        nodes = self._available_nodes(0, grid)
         self._per_round = self.merges_per_round or len(nodes)
         mix = self.mix if self.mix is not None else 1.0 / len(nodes)
         target, period, merges = num_rounds * self._per_round, 1, 0
@@ -335,7 +361,7 @@ def make_strategy(config: dict, ledger: Ledger | None = None) -> tuple[LTE, Arra
     slowdowns(config)  # a malformed lte.slowdown fails here, not in every client
     weights, frozen = initial_arrays(config)
     common = dict(r=opts.r, frozen_arrays=frozen, fraction_train=config["fraction-train"],
-                  min_available_nodes=config["num-clients"], weighted=opts.weighted, ledger=ledger)
+                  min_available_nodes=config["num-clients"], node_wait=config["lte.node-wait-s"], weighted=opts.weighted, ledger=ledger)
     if opts.asynchronous:
         return LTEAsync(staleness_exponent=opts.staleness_exponent, max_staleness=opts.max_staleness,
                         mix=opts.async_mix or None, **common), weights
