@@ -209,7 +209,8 @@ def write_readme(rows: list[dict], steps: int, reselect_every: int, path: Path) 
         "# GreenTrainer, centralized: MiniLM on rotten_tomatoes",
         "",
         f"Written by `python -m simulations.green_bench --steps {steps} --reselect-every {reselect_every} "
-        f"--seeds {','.join(map(str, seeds))}`; raw numbers in `results.json`; the learning rates come from "
+        f"--seeds {','.join(map(str, seeds))}"
+        f"{'' if len(agg) == len(ARMS) else ' --arms ' + ','.join(agg)}`; raw numbers in `results.json`; the learning rates come from "
         "`python -m simulations.green_bench --lr-grid` (`lr_grid.md`).",
         "",
         f"all-MiniLM-L6-v2 (22.7M parameters) + a new 2-way head, {steps} AdamW steps of batch {BATCH} "
@@ -371,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per arm")
     parser.add_argument("--reselect-every", type=int, default=50, help="GreenTrainer re-selection interval E (steps)")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--arms", default=",".join(a.name for a in ARMS), help="arms to run (full-ft always)")
     parser.add_argument("--out", type=Path, default=Path("docs/green"))
     parser.add_argument("--lr-grid", action="store_true", help="only run the learning-rate grid (LR_GRID)")
     parser.add_argument("--report", action="store_true", help="only re-render README and plot from OUT/results.json")
@@ -387,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         steps, reselect_every = args.steps, args.reselect_every
         results = []
         for seed in (int(s) for s in args.seeds.split(",")):
-            results += run_seed(seed, steps, reselect_every)
+            results += run_seed(seed, steps, reselect_every, [a for a in ARMS if a.name in args.arms.split(",") + [FULL]])
             report(results, steps, reselect_every, args.out)  # after every seed
     report(results, steps, reselect_every, args.out)
     print(f"wrote {args.out}/results.json, README.md, accuracy_vs_flops.png")
