@@ -14,7 +14,6 @@ clients that trained it (`strategies.FedAvgLoRA`).
 from __future__ import annotations
 
 import functools
-import itertools
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -22,7 +21,7 @@ from torch import nn
 
 from fedcola import runtime, train
 from fedcola.config import names
-from fedcola.green import apply_selection, select_under_budget
+from fedcola.green import train_under_budget
 
 
 def lora_config(config: dict) -> LoraConfig:
@@ -84,19 +83,7 @@ def client_train(config: dict, state: dict[str, torch.Tensor], partition_id: int
     seed = runtime.round_seed(config, server_round, partition_id)
     torch.manual_seed(seed)  # dropout: a round's result depends on (seed, round, client) only, so a resumed run repeats it
     batches = train.cycle(runtime.loader(config, part, shuffle=True, seed=seed))
-    candidates = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    optimizer = train.make_optimizer(config["optimizer"], [params[n] for n in candidates], config["lr"], config["weight-decay"])
-    selection = None
-    try:
-        if rho < 1.0:
-            first = next(batches)
-            selection = select_under_budget(model, [first], optimizer, rho)
-            batches = itertools.chain([first], batches)
-        stats = train.train_steps(model, batches, config["local-steps"], optimizer)
-    finally:
-        apply_selection(model, set(candidates))  # the cached model serves the next round / client
-    if selection is not None:
-        stats.flops += selection.flops
-        stats.wall_time_s += selection.wall_time_s
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = train.make_optimizer(config["optimizer"], params, config["lr"], config["weight-decay"])
+    stats, selection = train_under_budget(model, batches, config["local-steps"], optimizer, rho)
     return trainable_state(model), stats, len(part), selection

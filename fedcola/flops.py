@@ -54,8 +54,10 @@ from torch.utils.flop_counter import FlopCounterMode
 NORM_FWD = 5  # FLOPs per element to normalise (mean, centre, variance, rsqrt, scale)
 NORM_BWD = 9  # FLOPs per element of dx through normalisation and affine scale
 
-# rule(module, output) -> ({local param name: (fwd, dw)}, dx FLOPs of the op)
-CostRule = Callable[[nn.Module, Tensor], tuple[dict[str, tuple[int, int]], int]]
+# rule(module, output) -> ({local param name: (fwd, dw)}, dx FLOPs of the op[, inner]). `inner` maps a
+# local parameter to dy FLOPs inside the op that are needed iff it or anything deeper trains; a rule
+# that returns it lists its parameters output -> input, and each gets its own place in the order.
+CostRule = Callable[[nn.Module, Tensor], tuple]
 
 
 def _dense(module: nn.Module, y: Tensor, d_in: int, d_out: int) -> tuple[dict[str, tuple[int, int]], int]:
@@ -109,11 +111,26 @@ def _vit_embeddings(m: nn.Module, y: Tensor) -> tuple[dict[str, tuple[int, int]]
     return costs, 0
 
 
+def _lte_linear(m: nn.Module, y: Tensor) -> tuple[dict[str, tuple[int, int]], int, dict[str, int]]:
+    """`fedcola.lte.LTELinear`: y = x W^T + b + s (B (A x) - B~ (A~ x)), with W and the snapshot
+    (A~, B~) buffers. Forward: the main matmul 2 n d_in d_out (charged to the buffer W, i.e. to
+    fp_other) and the head and snapshot paths 2 n r (d_in + d_out) each. Backward: dB = (s dy)^T (A x)
+    and dA = du^T x with du = s dy B (2 n r d_out, inner: needed iff A or anything deeper trains);
+    dx = dy W + du A + the snapshot path's ((s dy) B~) A~."""
+    n = y.numel() // m.out_features
+    main, head_in, head_out = 2 * n * m.in_features * m.out_features, 2 * n * m.r * m.in_features, 2 * n * m.r * m.out_features
+    costs = {"W": (main + head_in + head_out, 0)}
+    if m.bias is not None:
+        costs["bias"] = (n * m.out_features, n * m.out_features)
+    costs |= {"B": (head_out, head_out), "A": (head_in, head_in)}
+    return costs, main + head_in + head_out + head_in, {"A": head_out}
+
+
 _RULES_BY_TYPE: dict[type, CostRule] = {
     nn.Linear: _linear, nn.Conv2d: _conv2d, nn.Embedding: _embedding, nn.LayerNorm: _norm,
     nn.RMSNorm: _norm,
 }
-_RULES_BY_NAME: dict[str, CostRule] = {"Conv1D": _conv1d, "ViTEmbeddings": _vit_embeddings}
+_RULES_BY_NAME: dict[str, CostRule] = {"Conv1D": _conv1d, "ViTEmbeddings": _vit_embeddings, "LTELinear": _lte_linear}
 
 
 def _rule(module: nn.Module) -> CostRule | None:
@@ -256,19 +273,23 @@ def profile_tensors(model: nn.Module, inputs: Mapping[str, Any]) -> FlopsProfile
     ancestry = _Ancestry(first_use)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        t = next(clock)
         x = _first_tensor(args, kwargs)
         y = output if isinstance(output, Tensor) else _first_tensor(tuple(output), {})
-        costs, dx = _rule(module)(module, y)
+        costs, dx, *inner = _rule(module)(module, y)
+        inner = inner[0] if inner else {}
+        ticks = {local: next(clock) for local in reversed(costs)} if inner else dict.fromkeys(costs, next(clock))
         for local, (fp, dw) in costs.items():
             p = getattr(module, local)
             if id(p) in names:
-                first_use.setdefault(id(p), t)
+                first_use.setdefault(id(p), ticks[local])
                 own_fp[id(p)] = own_fp.get(id(p), 0) + fp
                 own_dw[id(p)] = own_dw.get(id(p), 0) + dw
             else:
                 fp_other.append(fp)
         chunks.append((ancestry.of(x), dx))
+        for local, dy in inner.items():  # paid iff `local` trains, else iff the op's input needs its grad
+            p = getattr(module, local)
+            chunks.append((first_use[id(p)] if id(p) in names else ancestry.of(x), dy))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in ruled]
     try:

@@ -9,8 +9,9 @@ profiled backward cost (Sec. 4.1). Selection is redone every few epochs (`GreenS
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +23,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedcola.flops import FlopsProfile, apply_selection, profile_tensors
+from fedcola.train import StepStats, train_steps
 
 __all__ = ["BudgetSelection", "GreenSelector", "apply_selection", "counted", "dp_select", "fresh_optimizer", "select",
-           "select_under_budget", "smallest_feasible_rho", "tensor_importance"]
+           "select_under_budget", "smallest_feasible_rho", "tensor_importance", "train_under_budget"]
 
 DEFAULT_UNITS = 20_000  # T_bp(all) / T_q when no resolution is given; rounding wastes < N units
 MAX_TABLE = 1 << 30  # bytes of the DP's back-pointer table
@@ -248,3 +250,26 @@ def select_under_budget(model: nn.Module, batches: Sequence[Mapping[str, Any]], 
     names = profile.selected_names(mask)
     apply_selection(model, set(names))
     return BudgetSelection(names, profile.rho_of(mask), flops, seconds)
+
+
+def train_under_budget(model: nn.Module, batches: Iterator[Mapping[str, Any]], steps: int,
+                       optimizer: torch.optim.Optimizer, rho: float) -> tuple[StepStats, BudgetSelection | None]:
+    """An edge client's local training (`fedcola.train.train_steps`) under its FLOPs budget rho_k
+    (node config `green-rho`): at rho < 1, `select_under_budget` on the first batch (which is then
+    trained on too), `steps` steps on the selected tensors only, and every candidate (requires_grad
+    at call time) made trainable again afterwards, even on error, since clients reuse one cached model.
+    The stats' FLOPs and wall time include the selection's. Returns (stats, selection or None)."""
+    candidates = {n for n, p in model.named_parameters() if p.requires_grad}
+    selection = None
+    try:
+        if rho < 1.0:
+            first = next(batches)
+            selection = select_under_budget(model, [first], optimizer, rho)
+            batches = itertools.chain([first], batches)
+        stats = train_steps(model, batches, steps, optimizer)
+    finally:
+        apply_selection(model, candidates)
+    if selection is not None:
+        stats.flops += selection.flops
+        stats.wall_time_s += selection.wall_time_s
+    return stats, selection

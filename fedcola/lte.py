@@ -10,6 +10,8 @@ where ``(A~, B~)`` is the head at the last merge, trains its head for T steps an
 low-rank delta ``delta_n = s (B_n A_n - B~_n A~_n)``. The server merges
 ``W <- W + 1/N sum_n delta_n`` (the paper's merge "Delta_lora = 1/N sum_n delta_lora_n") and every
 client adds the same mean into its ``W`` and moves its snapshot, so the extra term is zero again.
+A client under a GreenTrainer FLOPs budget sends only the weights it trained; each weight is then
+averaged over the clients that sent it (:func:`merge`).
 
 Defaults taken from the reference code (github.com/minyoungg/LTE):
 
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Literal
 
 import torch
@@ -239,9 +241,22 @@ def base_weights(model: nn.Module) -> dict[str, Tensor]:
     return {k: e.base.detach().to(torch.float32).clone() for k, e in _mergeables(model).items()}
 
 
-def head_delta(model: nn.Module) -> dict[str, Delta]:
-    """Client reply ``delta_n``: ``s (B A - B~ A~)`` per layer as factors (dense only if smaller)."""
-    return {k: e.delta() for k, e in _mergeables(model).items()}
+def mergeable_key(model: nn.Module, parameter: str) -> str:
+    """The mergeable weight a parameter's training changes: ``"<layer>.W"`` for a head's ``A`` or ``B``,
+    the parameter's own name for a replicated one."""
+    module_name, _, local = parameter.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if isinstance(module, LTELinear) and local in ("A", "B"):
+        return f"{module_name}.W" if module_name else "W"
+    return parameter
+
+
+def head_delta(model: nn.Module, trained: Collection[str] | None = None) -> dict[str, Delta]:
+    """Client reply ``delta_n``: ``s (B A - B~ A~)`` per layer as factors (dense only if smaller).
+    ``trained`` (parameter names; None = all) restricts it to the weights those parameters change:
+    the others' deltas are exactly zero and are not sent (:func:`merge`)."""
+    keys = None if trained is None else {mergeable_key(model, n) for n in trained}
+    return {k: e.delta() for k, e in _mergeables(model).items() if keys is None or k in keys}
 
 
 def _check_entry(key: str, entry: Delta, target: Tensor, max_rank: int | None) -> None:
@@ -263,11 +278,12 @@ def _check_entry(key: str, entry: Delta, target: Tensor, max_rank: int | None) -
 
 
 def validate_delta(W: dict[str, Tensor], delta: dict[str, Delta], r: int | None = None) -> None:
-    """Raise :class:`InvalidDeltaError` unless ``delta`` has exactly ``W``'s keys, right shapes, finite
-    values and (given the head rank ``r``) factor rank at most ``2 r``."""
-    if delta.keys() != W.keys():
-        missing, unknown = sorted(W.keys() - delta.keys()), sorted(delta.keys() - W.keys())
-        raise InvalidDeltaError(f"delta keys differ from W: missing {missing[:3]}, unknown {unknown[:3]}")
+    """Raise :class:`InvalidDeltaError` unless ``delta`` names a non-empty subset of ``W``'s keys (a
+    client under a FLOPs budget sends only the weights it trained), with right shapes, finite values
+    and (given the head rank ``r``) factor rank at most ``2 r``."""
+    unknown = sorted(delta.keys() - W.keys())
+    if unknown or not delta:
+        raise InvalidDeltaError(f"delta names unknown weights {unknown[:3]}" if unknown else "delta names no weight")
     for key, entry in delta.items():
         _check_entry(key, entry, W[key], None if r is None else 2 * r)
 
@@ -280,9 +296,14 @@ def merge(
     scale: float = 1.0,
     r: int | None = None,
 ) -> dict[str, Delta]:
-    """Server merge ``W <- W + scale * sum_n w_n delta_n / sum_n w_n`` in fp32 (``w_n = 1``: the
-    paper's mean). ``W`` is updated in place; the merged update is returned as the concatenation
-    of the weighted factors ``[w_1 U_1, ...] [V_1; ...]`` (dense if that is smaller) so clients can
+    """Server merge, per weight ``k``: ``W_k <- W_k + scale * sum_{n in S_k} w_n delta_n,k / sum_{n in S_k} w_n``
+    in fp32, where ``S_k`` are the deltas that contain ``k`` (``w_n = 1``: the paper's mean over
+    heads). When every client sends every weight, ``S_k`` is all of them (the paper's
+    ``1/N sum_n delta_n``). A client under a FLOPs budget (GreenTrainer's rho_k) sends only the weights
+    it trained; an untrained head's delta is exactly zero and is not counted in the denominator, so
+    weak clients do not shrink the others' updates (docs/green/clients.md). ``W`` is updated in
+    place; the merged update is returned per weight some delta contains, as the concatenation of
+    the weighted factors ``[w_1 U_1, ...] [V_1; ...]`` (dense if that is smaller) so clients can
     apply it. All deltas are validated before ``W`` is touched."""
     if not deltas:
         raise ValueError("merge needs at least one delta")
@@ -291,10 +312,13 @@ def merge(
         raise ValueError(f"weights must be {len(deltas)} non-negative numbers with a positive sum")
     for delta in deltas:
         validate_delta(W, delta, r)
-    coef = [scale * w / sum(weights) for w in weights]
     update: dict[str, Delta] = {}
     for key, target in W.items():
-        entries = [(c, d[key]) for c, d in zip(coef, deltas)]
+        present = [(w, d[key]) for w, d in zip(weights, deltas) if key in d]
+        total = sum(w for w, _ in present)
+        if total <= 0:
+            continue
+        entries = [(scale * w / total, e) for w, e in present]
         lowrank = [(c, e) for c, e in entries if isinstance(e, tuple)]
         full = [c * e.to(torch.float32) for c, e in entries if not isinstance(e, tuple)]
         if lowrank:
@@ -338,12 +362,13 @@ def merge_async(
 
 @torch.no_grad()
 def apply_merged_update(model: nn.Module, update: dict[str, Delta]) -> None:
-    """Client side: ``W <- W + update`` on every entry, then move the snapshot ``(A~, B~) <- (A, B)``
-    (replicated parameters are set to their merged value). Heads and optimizer state are kept."""
+    """Client side: ``W <- W + update`` on every entry the update has (a weight no client trained has
+    none), then move every snapshot ``(A~, B~) <- (A, B)`` (replicated parameters are set to their
+    merged value). Heads and optimizer state are kept."""
     entries = _mergeables(model)
     for key, entry in update.items():
-        target = entries[key]
-        target.base.add_(dense(entry).to(target.base.dtype))
+        entries[key].base.add_(dense(entry).to(entries[key].base.dtype))
+    for target in entries.values():
         target.resync()
 
 
@@ -387,6 +412,7 @@ __all__ = [
     "head_subspace_overlap",
     "merge",
     "merge_async",
+    "mergeable_key",
     "reset_heads",
     "set_base_weights",
     "staleness_weight",

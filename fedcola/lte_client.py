@@ -37,6 +37,7 @@ from torch import nn
 
 from fedcola import models, runtime, train
 from fedcola.config import names
+from fedcola.green import train_under_budget
 from fedcola.lte import (
     Delta,
     InvalidDeltaError,
@@ -250,7 +251,10 @@ def slowdown(config: dict, node: runtime.NodeOptions) -> float:
 
 def lte_train(msg: Message, context: Context, config: dict) -> Message:
     """One LTE round on a client: sync ``W``, train the head ``local-steps`` steps on the partition,
-    reply with the delta's factors and the round's costs. A straggler (:func:`slowdown` > 1) sleeps
+    reply with the delta's factors and the round's costs. Under a FLOPs budget (node config
+    ``green-rho`` < 1) GreenTrainer selects the head tensors it trains (``green.train_under_budget``,
+    re-selected every round; FLOPs include the selection's) and only the weights it trained travel
+    (``lte.head_delta(model, trained)``; the server averages each weight over the clients that sent it). A straggler (:func:`slowdown` > 1) sleeps
     ``(slowdown - 1)`` x its compute time, so its wall time (measured, in ``wall-time-s``) is
     ``slowdown`` x that of its computation."""
     t0 = time.perf_counter()
@@ -266,12 +270,13 @@ def lte_train(msg: Message, context: Context, config: dict) -> Message:
         reset_heads(model, head_seed(config, node.partition_id, version), optimizer)
     part = runtime.client_split(config, node.partition_id, node.num_partitions)
     batches = train.cycle(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, rounds, node.partition_id)))
-    stats = train.train_steps(model, batches, config["local-steps"], optimizer)
+    stats, selection = train_under_budget(model, batches, config["local-steps"], optimizer, node.green_rho)
     save_state(context.state, model, optimizer, version, rounds + 1)
     time.sleep((factor - 1.0) * (time.perf_counter() - t0))
     metrics = MetricRecord({
         "num-examples": len(part), "train-loss": float(stats.loss), "flops": int(stats.flops),
         "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0,
-        "partition-id": node.partition_id, "base-version": version,
+        "partition-id": node.partition_id, "base-version": version, "green-rho": node.green_rho,
     })
-    return Message(RecordDict({"arrays": delta_record(head_delta(model)), "metrics": metrics}), reply_to=msg)
+    delta = head_delta(model, None if selection is None else selection.names)  # untrained heads: no delta
+    return Message(RecordDict({"arrays": delta_record(delta), "metrics": metrics}), reply_to=msg)

@@ -13,7 +13,8 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
                           LlamaForCausalLM, ViTConfig, ViTForImageClassification)
 
 from fedcola.flops import measure_step_flops, profile_tensors
-from fedcola.green import GreenSelector, apply_selection, dp_select, select, tensor_importance
+from fedcola.green import GreenSelector, apply_selection, dp_select, select, smallest_feasible_rho, tensor_importance
+from fedcola.lte import attach_heads
 
 B, L, V, D = 2, 32, 500, 64
 QK = re.compile(r"(query|key|[qk]_proj)\.")
@@ -30,6 +31,9 @@ def _tiny(kind: str) -> tuple[nn.Module, dict]:
         cfg = LlamaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, intermediate_size=128)
         return LlamaForCausalLM(cfg), {"input_ids": ids, "labels": ids}
+    if kind == "lte":  # LTE heads (fedcola.lte.LTELinear: A, B, bias on one module) on every Linear of a Llama
+        model, batch = _tiny("llama")
+        return attach_heads(model, r=4, alpha=8.0, seed=1), batch
     if kind == "gpt2":  # tied LM head
         cfg = GPT2Config(vocab_size=V, n_embd=D, n_layer=2, n_head=4, n_positions=L, bos_token_id=0, eos_token_id=0)
         return GPT2LMHeadModel(cfg), {"input_ids": ids, "labels": ids}
@@ -41,7 +45,7 @@ def _tiny(kind: str) -> tuple[nn.Module, dict]:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=["bert", "llama", "gpt2", "vit"])
+@pytest.fixture(scope="module", params=["bert", "llama", "gpt2", "vit", "lte"])
 def tiny(request):
     model, batch = _tiny(request.param)
     return model, batch, profile_tensors(model, batch)
@@ -171,6 +175,10 @@ def test_dp_with_coarse_resolution_respects_real_budget(seed):
 def test_selection_respects_rho_budget(tiny, rho):
     _, _, prof = tiny
     imp = np.random.default_rng(3).normal(size=len(prof.names))
+    if rho < smallest_feasible_rho(prof):  # LTE heads: the forward is about half of a step
+        with pytest.raises(ValueError, match="smallest feasible rho"):
+            select(prof, imp, rho)
+        return
     m = select(prof, imp, rho)
     assert prof.forward_flops + prof.backward_flops(m) <= rho * (prof.forward_flops + prof.full_backward_flops)
     assert m.any() and not (m & (imp <= 0)).any()

@@ -133,3 +133,52 @@ def test_client_app_reply_carries_budget_and_trained_names(global_state, tmp_pat
     for name, before in global_state.items():  # one client: its trained tensors, the others unchanged
         assert torch.equal(out[name], before) == (name not in names), name
     assert strategy.ledger._round["clients"][0]["flops"] == metrics["flops"]
+
+
+# ---------------------------------------------------------------- LTE clients
+
+LTE_CONFIG = cfg.build({
+    "method": "lte", "model": "gpt-tiny", "task": "causal-lm", "dataset": "hamlet", "data.max-length": 48,
+    "data.block-chars": 48, "local-steps": 12, "batch-size": 8, "lr": 3e-3, "eval.max-examples": 48,
+    "lte.r": 4, "lte.alpha": 8.0, "scratch.hidden": 32, "scratch.layers": 2, "scratch.heads": 4,
+})
+
+
+def test_lte_client_under_budget_trains_only_its_selected_heads_and_the_merge_averages_per_weight(tmp_path):
+    """Node 11 has green-rho 0.7, node 10 none: node 11 trains only the heads GreenTrainer selected
+    (A, B of every other head equal their snapshot), sends only those weights, counts fewer FLOPs in
+    the ledger; the server's W moves by the mean over the clients that sent each weight, and both
+    clients' W stay bit-identical to the server's."""
+    from fedcola import lte_client
+    from fedcola.lte import dense
+    from strategies.lte import LTE
+
+    weights, frozen = lte_client.initial_arrays(LTE_CONFIG)
+    ledger = Ledger(tmp_path / "ledger.json", "lte", LTE_CONFIG)
+    strategy = LTE(r=4, frozen_arrays=frozen, ledger=ledger)
+    strategy._init_weights(weights)
+    contexts = {10: _context({"partition-id": 0, "num-partitions": 2}),
+                11: _context({"partition-id": 1, "num-partitions": 2, "green-rho": 0.7})}
+    for rnd in (1, 2):
+        W_old = {k: v.clone() for k, v in strategy.W.items()}
+        replies = {node: lte_client.lte_train(strategy._message(node, ConfigRecord(LTE_CONFIG), rnd), ctx, LTE_CONFIG)
+                   for node, ctx in contexts.items()}
+        deltas = {node: lte_client.record_delta(r.content.array_records["arrays"]) for node, r in replies.items()}
+        assert deltas[10].keys() == W_old.keys() and 0 < len(deltas[11]) < len(W_old)
+        state = contexts[11].state[lte_client.STATE_MODEL].to_torch_state_dict()
+        for key in W_old:  # a head changed since its snapshot iff its weight was sent
+            layer = key.removesuffix("W")
+            moved = any(not torch.equal(state[layer + p], state[layer + p + "_snap"]) for p in ("A", "B"))
+            assert moved == (key in deltas[11]), key
+        strategy.aggregate_train(rnd, list(replies.values()))
+        ledger.end_round(rnd)
+        for key, w in strategy.W.items():
+            sent = [dense(d[key]) for d in deltas.values() if key in d]
+            torch.testing.assert_close(w, W_old[key] + sum(sent) / len(sent), rtol=0, atol=1e-6)
+        flops = {c["node_id"]: c["flops"] for c in ledger.rounds[-1]["clients"]}
+        assert flops[11] < flops[10]
+        assert replies[11].content.metric_records["metrics"]["green-rho"] == 0.7
+    model = lte_client.build_model(LTE_CONFIG, head_seed=0)
+    for node in contexts:
+        lte_client.sync_model(strategy._payload(node), contexts[node], model, seed=0)
+        assert all(torch.equal(model.get_submodule(k.rpartition(".")[0]).W, w) for k, w in strategy.W.items())

@@ -101,6 +101,45 @@ def test_merge_zeroes_extra_term_and_model_equals_w_plus_mean_delta() -> None:
     torch.testing.assert_close(clients[0](input_ids=ids).logits, clients[1](input_ids=ids).logits, rtol=0, atol=1e-6)
 
 
+def test_partial_deltas_average_each_weight_over_the_clients_that_trained_it() -> None:
+    """A client under a FLOPs budget trains some heads and sends only their deltas (an untrained
+    head's delta is exactly zero): each weight is averaged over the clients that sent it, a weight
+    nobody trained stays, and every client's snapshot still moves (extra term zero again)."""
+    base = tiny_llama()
+    clients = [client(base, seed) for seed in (1, 2, 3)]
+    layers = sorted(lte_layers(clients[0]))
+    trained = [{f"{layers[0]}.A", f"{layers[0]}.B", f"{layers[1]}.B"}, None, {f"{layers[2]}.A"}]  # None: all
+    for i, (c, names) in enumerate(zip(clients, trained)):
+        for name, p in c.named_parameters():
+            p.requires_grad_(p.requires_grad and (names is None or name in names))
+        train(c, batches(20 + i, 2))
+    assert head_delta(clients[0]).keys() == set(base_weights(clients[0]))  # untrained heads: delta exactly 0
+    assert all(not dense(d).any() for k, d in head_delta(clients[0]).items() if k not in (f"{layers[0]}.W", f"{layers[1]}.W"))
+    deltas = [head_delta(c, names) for c, names in zip(clients, trained)]
+    assert deltas[0].keys() == {f"{layers[0]}.W", f"{layers[1]}.W"} and deltas[2].keys() == {f"{layers[2]}.W"}
+    W = base_weights(clients[0])
+    W_old = {k: v.clone() for k, v in W.items()}
+    weights = [3.0, 1.0, 2.0]
+    update = merge(W, deltas, weights)
+    for k in W:
+        sent = [(w, dense(d[k])) for w, d in zip(weights, deltas) if k in d]
+        expected = W_old[k] + sum(w * x for w, x in sent) / sum(w for w, _ in sent)
+        torch.testing.assert_close(W[k], expected, rtol=0, atol=1e-6)
+    assert update.keys() == set(W)  # the strong client trained every head
+    del deltas[1]
+    W2 = {k: v.clone() for k, v in W_old.items()}
+    update = merge(W2, deltas)
+    assert update.keys() == {f"{layers[i]}.W" for i in range(3)}
+    assert all(torch.equal(W2[k], W_old[k]) for k in W2 if k not in update)  # nobody trained it: kept
+    torch.testing.assert_close(W2[f"{layers[2]}.W"], W_old[f"{layers[2]}.W"] + dense(deltas[1][f"{layers[2]}.W"]))
+    for c in clients:
+        set_base_weights(c, W_old)
+        apply_merged_update(c, update)
+        for name, layer in lte_layers(c).items():
+            assert torch.equal(layer.W, W2[f"{name}.W"])
+            assert torch.equal(layer.extra(torch.randn(3, layer.in_features)), torch.zeros(3, layer.out_features))
+
+
 def test_single_head_t1_equals_peft_lora_merged_every_step() -> None:
     base = tiny_llama()
     lte = client(base, seed=3)
@@ -290,7 +329,7 @@ def test_staleness_rule_and_rejected_deltas() -> None:
         "inner": {**delta, key: (U, V[:-1])},
         "dense shape": {**delta, key: torch.zeros(3, 3)},
         "rank": {**delta, key: (torch.zeros(U.shape[0], 2 * R + 1), torch.zeros(2 * R + 1, V.shape[1]))},
-        "missing": {k: v for k, v in delta.items() if k != key},
+        "empty": {},
         "unknown": {**delta, "nope.W": torch.zeros(1)},
     }
     W1 = {k: v.clone() for k, v in W.items()}
