@@ -54,11 +54,10 @@ def draw(config: dict, partition: tuple[int, int], step: int) -> tuple[ArrayReco
     return cola_fl.batch_record([next(loader) for _ in range(config["cola.interval"])]), len(part)
 
 
-def refuse_stateless(pid: int, server_holds: bool) -> None:
+def stateless(pid: int) -> ValueError:
     """Never train from a state the server does not hold: a client without state whose auxiliary models
-    the server holds (lost state-dir, restarted without it) fails with the reason."""
-    if server_holds:
-        raise ValueError(f"the server holds the auxiliary models of adapter id {pid}, but this client has no state for them (lost state-dir?)")
+    the server holds (lost state-dir, restarted without it) fails with this reason."""
+    return ValueError(f"the server holds the auxiliary models of adapter id {pid}, but this client has no state for them (lost state-dir?)")
 
 
 def query(msg: Message, context: Context, config: dict, partition: tuple[int, int]) -> Message:
@@ -66,7 +65,8 @@ def query(msg: Message, context: Context, config: dict, partition: tuple[int, in
     pid, n = partition
     control = msg.content.config_records["control"]
     if ADAPTERS not in context.state.array_records:
-        refuse_stateless(pid, not control["send-adapter"] or pid in control.get("held", []))
+        if not control["send-adapter"] or pid in control.get("held", []):
+            raise stateless(pid)
         save_client(context, make_client(config, pid))
     sync(context, config, control)
     if control.get("split", "train") == "validation":  # client-side evaluation: (a prefix of) the local held-out split
@@ -89,7 +89,7 @@ def fit(msg: Message, context: Context, config: dict, partition: tuple[int, int]
     pid, _ = partition
     control = msg.content.config_records["control"]
     if ADAPTERS not in context.state.array_records:
-        refuse_stateless(pid, True)  # a train message goes only to clients whose auxiliary models the server holds
+        raise stateless(pid)  # a train message goes only to clients whose auxiliary models the server holds
     sync(context, config, control)
     client = load_client(context, config, pid)
     tensors = wire.unpack(msg.content.array_records["pairs"], config["cola.wire-dtype"])

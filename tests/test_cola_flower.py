@@ -320,3 +320,15 @@ def test_batches_nobody_asked_for_are_refused(setup, tmp_path):
     ledger.begin_round(1)
     _, metrics = strategy.aggregate_train(1, grid.send_and_receive([fit]))
     assert metrics["clients"] == 0 and "nobody asked for" in ledger._round["skipped"][0]["reason"]
+
+
+def test_a_train_message_to_a_client_without_state_is_refused(setup):
+    """With one exchange per interval a client may get train messages without a query in between: one
+    that lost its state must fail with the reason, never train fresh adapters the server does not hold."""
+    config = setup
+    strategy, grid = _server(config), _LoopGrid([1], config)
+    batches = strategy.interval_batches(1, ConfigRecord(dict(config)), grid, timeout=10)
+    fit = strategy.configure_fit(strategy.hidden_pairs(batches), ConfigRecord(dict(config)))[0]
+    lost = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="no state for them"):
+        cola_client.fit(fit, lost, config, (0, 2))
