@@ -16,7 +16,8 @@ deployment a fresh ``flwr-clientapp`` process per message and the grid's reply p
 (de)serialisation, which runs inside neither timer. The table also gives, for the deployment, the
 share of its round latency that simulation does not have, (L_dep - L_sim) / L_dep.
 Round 1 includes first contact (adapters, full sync); the table reports the last round.
-The machine is shared with other work: only ratios measured in one session are meaningful.
+The load average is recorded before the first arm and at the end (``--note`` adds what else ran):
+absolute seconds move with the machine's load, ratios measured in one session much less.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def summarize(results: list[dict]) -> list[dict]:
         if len(arms) < 2:
             continue
         sim, dep = arms["simulation"], arms["deployment"]
+        ours = [(x["client_compute_s"] + x["server_compute_s"]) / x["latency_s"]
+                for x in (r["rounds"][-1] for r in results if r["method"] == method and r["arm"] == "deployment")]
         rows.append({
             "method": method, "sim_latency_s": sim["latency_s"], "dep_latency_s": dep["latency_s"],
             "dep_over_sim": dep["latency_s"] / sim["latency_s"],
@@ -108,6 +111,7 @@ def summarize(results: list[dict]) -> list[dict]:
             "dep_compute_share": dep["client_compute_s"] / dep["latency_s"],
             "sim_ours_share": (sim["client_compute_s"] + sim["server_compute_s"]) / sim["latency_s"],
             "dep_ours_share": (dep["client_compute_s"] + dep["server_compute_s"]) / dep["latency_s"],
+            "dep_ours_share_per_run": ours,
             "dep_messaging_share": (dep["latency_s"] - sim["latency_s"]) / dep["latency_s"],
             "exchanges_per_round": exchanges_per_round(method),
             "added_s_per_exchange": (dep["latency_s"] - sim["latency_s"]) / exchanges_per_round(method),
@@ -118,10 +122,10 @@ def summarize(results: list[dict]) -> list[dict]:
 def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
     lines = [
         "# Deployment vs simulation: round latency", "",
-        f"Measured {meta['date']} on a shared 2-core machine ({meta['platform']}), flwr {meta['flwr']}, "
+        f"Measured {meta['date']} on a 2-core machine ({meta['platform']}), flwr {meta['flwr']}, "
         f"{meta['num_clients']} clients, {meta['rounds']} rounds, last round shown, mean of {meta['repeats']} run(s) per arm, arms interleaved.",
-        "Other engineers' jobs ran at the same time" + (f" (1/5/15-min load average at the end: {', '.join(f'{x:.0f}' for x in meta['load_average_at_end'])})" if "load_average_at_end" in meta else "")
-        + ": absolute seconds are inflated and noisy; the ratios are what this measures.", "",
+        f"1/5/15-min load average {_loads(meta)}. {meta.get('note', '')} Absolute seconds move with the machine's load; "
+        "ratios measured in one session much less.", "",
         "| method | sim round (s) | deploy round (s) | deploy / sim | ours, sim | ours, deploy | client compute, deploy | deployment-only share | exchanges / round | added s / exchange |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -129,6 +133,8 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         lines.append(f"| {r['method']} | {r['sim_latency_s']:.1f} | {r['dep_latency_s']:.1f} | {r['dep_over_sim']:.2f} | "
                      f"{r['sim_ours_share']:.1%} | {r['dep_ours_share']:.1%} | {r['dep_compute_share']:.1%} | {r['dep_messaging_share']:.1%} | "
                      f"{r['exchanges_per_round']} | {r['added_s_per_exchange']:.0f} |")
+    lines += ["", "Ours in the deployment, per run: " + "; ".join(f"{r['method']} " + ", ".join(f"{x:.1%}" for x in r.get("dep_ours_share_per_run", []))
+                                                          for r in rows)]
     lines += ["", "Configs: " + "; ".join(f"{m}: `{p}` with {o}" for m, (p, o) in CONFIGS.items()), "",
               "Ours = (server compute + the largest client's handler wall time) / round latency, server compute being",
               "the ledger's `eval_s` (+ ColA's `compute_s`: hidden pairs and client-side evaluation); the rest is Flower's.",
@@ -137,6 +143,11 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
               "sim round) / message exchanges per round (ColA: one train message per interval, which also fetches the",
               "next interval's batches, plus the evaluation query). See docs/deploy.md, section 9.", ""]
     path.write_text("\n".join(lines))
+
+
+def _loads(meta: dict) -> str:
+    at = [(k, meta[f"load_average_at_{k}"]) for k in ("start", "end") if f"load_average_at_{k}" in meta]
+    return " and ".join(f"at the {k}: {', '.join(f'{x:.1f}' for x in v)}" for k, v in at) or "not recorded"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -154,7 +165,7 @@ def plot(rows: list[dict], path: Path) -> None:
             rest.append(r[key] * (1 - r[share]))
     ax.bar(labels, compute, label="client compute (critical path)")
     ax.bar(labels, rest, bottom=compute, label="server + messaging")
-    ax.set_ylabel("round latency (s, shared machine)")
+    ax.set_ylabel("round latency (s)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -167,16 +178,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--methods", default=",".join(CONFIGS), help="comma-separated methods to measure (default: all)")
+    ap.add_argument("--note", default="", help="what else ran on the machine, for the report")
     ap.add_argument("--report-only", action="store_true", help="rewrite README.md / latency.png from <out>/results.json")
     args = ap.parse_args(argv)
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         saved = json.loads((out / "results.json").read_text())
-        return report(saved["meta"], saved["runs"], out)
+        return report(saved["meta"] | ({"note": args.note} if args.note else {}), saved["runs"], out)
     import flwr
     from rich.progress import Progress
 
+    load_at_start = os.getloadavg()
     results = []
     jobs = [(m, arm) for _ in range(args.repeats) for m in args.methods.split(",") for arm in ("simulation", "deployment")]
     with tempfile.TemporaryDirectory() as tmp, Progress() as progress:
@@ -189,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append({"method": method, "arm": arm, "total_s": time.perf_counter() - t0, "rounds": round_figures(result)})
             progress.update(task, advance=1, description=f"{method} {arm}: {results[-1]['rounds'][-1]['latency_s']:.1f} s/round")
     meta = {"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(), "flwr": flwr.__version__, "num_clients": args.clients,
-            "rounds": args.rounds, "repeats": args.repeats, "shared_machine": True, "load_average_at_end": os.getloadavg()}
+            "rounds": args.rounds, "repeats": args.repeats, "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
+            "note": args.note}
     report(meta, results, out)
 
 

@@ -54,3 +54,30 @@ def test_export_refuses_unfinished_runs(setup, tmp_path):  # noqa: F811
         assert "did not complete" in str(err)
     else:
         raise AssertionError("an unfinished run was exported")
+
+
+def test_export_of_a_real_run_reproduces_its_final_validation_metric(tmp_path):
+    """A real `fedcola run` (merged low-rank ColA, 2 clients), exported; the transformers folder alone
+    gives the ledger's final server-side validation loss and accuracy."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fedcola import ledger as ledger_mod
+    from fedcola import runtime, train
+
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedcola.cli", "run", "simulations/cola_minilm_rt.toml", "--run-dir", str(run), "--set", "num-clients=2",
+         "--set", "rounds=1", "--set", "local-steps=3", "--set", "batch-size=8", "--set", "eval.max-examples=48",
+         "--set", "eval.client-max-examples=8", "--set", "data.max-length=32"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = ledger_mod.load(run / "ledger.json")
+    final = result["rounds"][-1]["server"]
+    export.export_run(run)
+    model = AutoModelForSequenceClassification.from_pretrained(run / "export" / "merged")
+    metrics = train.evaluate(model, runtime.validation_loader(result["config"]), "classification")
+    assert metrics["accuracy"] == final["accuracy"]
+    assert abs(metrics["loss"] - final["loss"]) < 1e-4
+    assert final["loss"] != result["rounds"][0]["server"]["loss"]  # the run trained: the exported weights are not the base model
