@@ -2,7 +2,7 @@
 
 ``<run_dir>/checkpoint.safetensors`` holds the strategy's tensors (global weights, adapters, ...); its
 metadata holds the round number and the strategy's other state as JSON. It is written atomically
-(temporary file, then ``os.replace``) right after the ledger records the round, so a run resumed
+(``atomic_save_file``: temporary file, fsync, then ``os.replace``) right after the ledger records the round, so a run resumed
 from it (``fedcola run --resume RUN_DIR``, or run config ``resume-dir``) drops any ledger round past
 the checkpoint and neither loses nor repeats a round.
 """
@@ -30,12 +30,19 @@ class Checkpoint:
     state: dict[str, Any]
 
 
-def save(run_dir: Path, server_round: int, tensors: dict[str, Tensor], state: dict[str, Any] | None = None) -> None:
-    path = Path(run_dir) / FILE
-    tmp = path.with_name(f".{FILE}.tmp{os.getpid()}")
-    meta = json.dumps({"round": server_round, "state": state or {}})
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata={META: meta})
+def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors ``save_file`` through a temporary file, fsync and an atomic rename: a crash at any
+    moment leaves either the previous file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save(run_dir: Path, server_round: int, tensors: dict[str, Tensor], state: dict[str, Any] | None = None) -> None:
+    atomic_save_file(tensors, Path(run_dir) / FILE, {META: json.dumps({"round": server_round, "state": state or {}})})
 
 
 def load(run_dir: Path, tensors: bool = True) -> Checkpoint:

@@ -3,7 +3,7 @@
 Everything a client keeps between messages lives in ``context.state`` (ColA adapters + optimizer,
 LTE weights, heads, snapshot + optimizer, ...). The ClientApp saves that RecordDict after each
 handled message of server round r to ``<state-dir>/<run key>/partition-<id>/round-<r>.safetensors``
-(written to a temporary file, then ``os.replace``: a crash leaves the previous file intact). The
+(``checkpoint.atomic_save_file``: a crash leaves the previous file intact). The
 file of round r therefore ends as the client's state at the end of round r. The run key is the run
 config's ``run-key`` (drawn once when a run starts, kept by its resumes), or ``run-<Flower run id>``.
 
@@ -28,7 +28,6 @@ round >= r - 1: the newest snapshot before r is kept, older ones are deleted.
 from __future__ import annotations
 
 import json
-import os
 import re
 from logging import INFO, WARNING
 from pathlib import Path
@@ -36,7 +35,8 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common.logger import log
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from fedcola.checkpoint import atomic_save_file
 
 NODE = "fedcola.node"
 META_KEY = "fedcola.state"
@@ -60,13 +60,10 @@ def write(records: RecordDict, path: Path) -> None:
     for name, record in records.array_records.items():
         arrays = record.to_torch_state_dict()
         index["arrays"][name] = list(arrays)
-        tensors |= {f"{name}/{key}": t.contiguous() for key, t in arrays.items()}
+        tensors |= {f"{name}/{key}": t for key, t in arrays.items()}
     index["configs"] = {name: dict(r) for name, r in records.config_records.items()}
     index["metrics"] = {name: dict(r) for name, r in records.metric_records.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(index)})
-    os.replace(tmp, path)
+    atomic_save_file(tensors, path, {META_KEY: json.dumps(index)})
 
 
 def read(path: Path, arrays: bool = True) -> RecordDict:
