@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -114,7 +115,8 @@ def report(result: dict, out: Path) -> None:
             "", f"Paired over {len(pairs)} seed(s), each compared over the rounds in which neither arm lost a reply "
             f"(rounds 1..{', 1..'.join(str(n) for _, _, n in pairs)}; accuracy after the last of them):", "",
             f"- server backward FLOPs cut: {', '.join(f'{100 * c:.1f}%' for c in cut)} (mean {100 * mean_cut:.1f}%; target >= {100 * TARGET_CUT:.0f}%)",
-            f"- accuracy loss: {', '.join(f'{d:+.1f}' for d in drop)} points (mean {mean_drop:+.1f}; target <= {TARGET_POINTS:g} point)",
+            f"- accuracy loss: {', '.join(f'{d:+.1f}' for d in drop)} points (mean {mean_drop:+.1f}"
+            + (f" +- {statistics.stdev(drop) / len(drop) ** 0.5:.1f} standard error" if len(drop) > 1 else "") + f"; target <= {TARGET_POINTS:g} point)",
             f"- predicted by the layer profile (probe intervals at full cost, the others at the selection's profiled fraction): "
             f"{', '.join(f'{100 * c:.1f}%' for c in predicted)}",
             f"- bytes to clients (x, G pairs): {', '.join(f'{b:.2f}x' for b in bytes_ratio)} of plain ColA",
@@ -124,7 +126,7 @@ def report(result: dict, out: Path) -> None:
             *[f"- seed {g['seed']}, round {i + 1}: {', '.join(map(short, s['selected']))} ({100 * s['backward_fraction']:.0f}% of the backward)"
               for _, g, _ in pairs for i, s in enumerate(g["selection"])],
         ]
-    lines += ["", "The machine was shared with other engineers' jobs (load average 20-40 on 2 cores): wall times (the server's, "
+    lines += ["", f"{result.get('note', '')} Wall times (the server's, "
               "summed over rounds, evaluation included) are inflated and not comparable between arms; FLOPs are counted, "
               "not timed, so they do not depend on the load. One run's accuracy has a standard error of about 1.3 points "
               "(1000 validation examples), so a paired difference of one seed is about +-1.8 points of noise. "
@@ -159,11 +161,12 @@ def main() -> None:
     p.add_argument("--rho", type=float, default=0.5)
     p.add_argument("--out", default="docs/green")
     p.add_argument("--runs", default="runs/green_cola_bench")
+    p.add_argument("--note", default="", help="what else ran on the machine, for the report")
     p.add_argument("--report-only", action="store_true", help="only read completed ledgers, start no run")
     args = p.parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
-    result = {"rho": args.rho, "runs": []}
+    result = {"rho": args.rho, "note": args.note, "runs": []}
     for seed in (int(s) for s in args.seeds.split(",")):
         for rho in (1.0, args.rho):
             print(f"== seed {seed}, {arm_name(rho)}", flush=True)
