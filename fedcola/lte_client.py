@@ -255,24 +255,26 @@ def lte_train(msg: Message, context: Context, config: dict) -> Message:
     ``green-rho`` < 1) GreenTrainer selects the head tensors it trains (``green.train_under_budget``,
     re-selected every round; FLOPs include the selection's) and only the weights it trained travel
     (``lte.head_delta(model, trained)``; the server averages each weight over the clients that sent it). A straggler (:func:`slowdown` > 1) sleeps
-    ``(slowdown - 1)`` x its compute time, so its wall time (measured, in ``wall-time-s``) is
-    ``slowdown`` x that of its computation."""
+    ``(slowdown - 1)`` x the round's work (sync, T steps, saving), so that work takes ``slowdown`` x
+    as long; the process's one-time start-up (model build, data load) is not slowed, as it is no part
+    of a device's per-round speed."""
     t0 = time.perf_counter()
     opts = lte_options(config)
     node = runtime.node_options(context)
     factor = slowdown(config, node)
     model = cached_model(config)
+    part = runtime.client_split(config, node.partition_id, node.num_partitions)
+    t_work = time.perf_counter()
     version, rounds = sync_model(msg.content, context, model, head_seed(config, node.partition_id))
     optimizer = train.make_optimizer(config["optimizer"], head_parameters(model), config["lr"], config["weight-decay"])
     if STATE_OPTIMIZER in context.state:
         train.load_optimizer_record(optimizer, context.state[STATE_OPTIMIZER])
     if opts.reset and rounds > 0:
         reset_heads(model, head_seed(config, node.partition_id, version), optimizer)
-    part = runtime.client_split(config, node.partition_id, node.num_partitions)
     batches = train.cycle(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, rounds, node.partition_id)))
     stats, selection = train_under_budget(model, batches, config["local-steps"], optimizer, node.green_rho)
     save_state(context.state, model, optimizer, version, rounds + 1)
-    time.sleep((factor - 1.0) * (time.perf_counter() - t0))
+    time.sleep((factor - 1.0) * (time.perf_counter() - t_work))
     metrics = MetricRecord({
         "num-examples": len(part), "train-loss": float(stats.loss), "flops": int(stats.flops),
         "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0,

@@ -277,7 +277,10 @@ def write_readme(results: dict, out: Path) -> None:
             "session's 10-round check, 2.40 vs 2.12). LTE: its learning rate at the reference's "
             "alpha, a larger scale s = alpha / r (the reference code suggests alpha of 1024-8192 at r = 32 for pre-training), "
             "and trained (replicated, averaged at merge) instead of frozen embeddings and norms.", "",
-            "| arm | settings | validation loss | chosen |", "|---|---|---|---|",
+            *(["These points are from an earlier `--tune` run, kept for reference; this run used the settings stated "
+               "above (the config file's and `--lr-full`). LTE's non-LoRA parameters are frozen, the LTE paper's default: "
+               "it tied with replicated in the grid and sends less.", ""] if results.get("tuning_carried") else []),
+            "| arm | settings | validation loss | best in grid |", "|---|---|---|---|",
             *[f"| {name} | {_settings(row['settings'])} | {row['loss']:.4f} | {'yes' if row['settings'] == tuned['chosen'] else ''} |"
               for name, tuned in results["tuning"].items() for row in tuned["points"]], "",
         ]
@@ -487,8 +490,10 @@ def main() -> None:
                   "holds": bool(valid) and all(pr["wall_ratio"] <= 0.5 and pr["loss_ratio"] <= 1.05 for pr in valid)},
     }
     settings = {"fedavg-full": {k: full[k] for k in ("lr",)}, "lte": {k: lte_config[k] for k in ("lr", "lte.alpha", "lte.r", "lte.non-lora", "lte.reset")}}
+    earlier = None if tuning or not (out / "results.json").exists() else json.loads((out / "results.json").read_text()).get("tuning")
     results = {
-        "config": config, "settings": settings, "tuning": tuning, "seeds": seeds, "sizes": size,
+        "config": config, "settings": settings, "tuning": tuning or earlier, "tuning_carried": tuning is None and earlier is not None,
+        "seeds": seeds, "sizes": size,
         "straggler": {"slowdown": args.slowdown, "partition": n - 1, "pairs": pairs, "max_staleness": straggler["lte.max-staleness"]},
         "arms": arms, "targets": targets, "layer_ratios": layer_ratios(config, vocab), "vocab": vocab,
         "machine": {"cpus": cpus, "platform": platform.platform(), "shared": True},
