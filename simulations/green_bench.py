@@ -49,7 +49,7 @@ ARMS = (Arm("full-ft", 1.0, 1e-4), Arm("gt-0.7", 0.7, 1e-3), Arm("gt-0.5", 0.5, 
         Arm("lora", 1.0, 1e-3, lora=True))  # full-ft and gt-0.5: best of LR_GRID (docs/green/lr_grid.md)
 FULL = ARMS[0].name
 # peak learning rates tried per arm (`--lr-grid`), the same number for every arm that is tuned
-LR_GRID = {"full-ft": (3e-5, 1e-4, 3e-4, 1e-3), "gt-0.5": (3e-5, 1e-4, 3e-4, 1e-3)}
+LR_GRID = {"full-ft": (3e-5, 1e-4, 3e-4, 1e-3), "gt-0.5": (3e-5, 1e-4, 3e-4, 1e-3), "gt-0.7": (3e-5, 1e-4, 3e-4, 1e-3)}
 
 
 def _arm_runs(arm: Arm, steps: int, reselect_every: int, splits, tok, seed: int):
@@ -128,15 +128,16 @@ def run_seed(seed: int, steps: int, reselect_every: int, arms=ARMS) -> list[dict
     return results
 
 
-def lr_grid(steps: int, reselect_every: int) -> list[dict]:
-    """Each (arm, peak lr) of LR_GRID trained alone on seed GRID_SEED; validation accuracy only (the
-    test split stays unseen), so that each arm's best lr can be picked without looking at test."""
+def lr_grid(steps: int, reselect_every: int, names: list[str]) -> list[dict]:
+    """Each (arm, peak lr) of LR_GRID for the arms `names`, trained alone on seed GRID_SEED; validation
+    accuracy only (the test split stays unseen), so that each arm's best lr can be picked without
+    looking at test."""
     from rich.progress import track
 
     splits, tok = _setup()
     arms = {a.name: a for a in ARMS}
     out = []
-    for name, lr in track([(n, lr) for n, lrs in LR_GRID.items() for lr in lrs], description="lr grid"):
+    for name, lr in track([(n, lr) for n, lrs in LR_GRID.items() if n in names for lr in lrs], description="lr grid"):
         arm = Arm(name, arms[name].rho, lr, arms[name].lora)
         model, run = _arm_runs(arm, steps, reselect_every, splits, tok, GRID_SEED)
         for stats in run:
@@ -377,14 +378,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per arm")
     parser.add_argument("--reselect-every", type=int, default=50, help="GreenTrainer re-selection interval E (steps)")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    parser.add_argument("--arms", default=",".join(a.name for a in ARMS), help="arms to run (full-ft always)")
+    parser.add_argument("--arms", default=",".join(a.name for a in ARMS), help="arms to run (full-ft always; with --lr-grid: only these)")
     parser.add_argument("--out", type=Path, default=Path("docs/green"))
     parser.add_argument("--lr-grid", action="store_true", help="only run the learning-rate grid (LR_GRID)")
     parser.add_argument("--report", action="store_true", help="only re-render README and plot from OUT/results.json")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.lr_grid:
-        write_grid(lr_grid(args.steps, args.reselect_every), args.out)
+    if args.lr_grid:  # the grid of the arms asked for; the stored points of the other arms are kept
+        names = [n for n in LR_GRID if n in args.arms.split(",")]
+        stored = json.loads((args.out / "lr_grid.json").read_text())["grid"] if (args.out / "lr_grid.json").exists() else []
+        write_grid([r for r in stored if r["arm"] not in names] + lr_grid(args.steps, args.reselect_every, names), args.out)
         print(f"wrote {args.out}/lr_grid.json, lr_grid.md")
         return
     if args.report:
