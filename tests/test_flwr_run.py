@@ -56,8 +56,10 @@ def test_flwr_run_local_simulation(tmp_path):
         assert [r["status"] for r in runs] == ["finished:completed"], runs
         assert not (ROOT / "pyproject.toml").read_text().count("[tool.flwr.federations]")
     finally:
-        for p in _superlinks(home):
+        superlinks = _superlinks(home)
+        for p in superlinks:
             p.kill()
+        psutil.wait_procs(superlinks, timeout=30)  # SIGKILL is asynchronous: wait until they are gone
     runs_written = list(out_dir.iterdir())
     assert len(runs_written) == 1 and re.match(r"fedavg_lora-minilm-rotten_tomatoes-", runs_written[0].name)
     result = ledger.load(runs_written[0] / "ledger.json")
