@@ -1,15 +1,18 @@
 """`fedcola export`: the merged model loads with transformers, each low-rank adapter with peft, and both
-compute exactly what the ColA server computed."""
+compute exactly what the ColA server computed; a real run's export reproduces its final validation metric."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from fedcola import cola_fl, export, models
+from fedcola import cola_fl, export, models, runtime, train
 from fedcola.cola import ColaServer
-from fedcola.ledger import Ledger
+from fedcola.ledger import Ledger, load as load_ledger
 from tests.test_cola_flower import setup  # noqa: F401  (the tiny local model + CSV fixture)
 
 
@@ -59,13 +62,6 @@ def test_export_refuses_unfinished_runs(setup, tmp_path):  # noqa: F811
 def test_export_of_a_real_run_reproduces_its_final_validation_metric(tmp_path):
     """A real `fedcola run` (merged low-rank ColA, 2 clients), exported; the transformers folder alone
     gives the ledger's final server-side validation loss and accuracy."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from fedcola import ledger as ledger_mod
-    from fedcola import runtime, train
-
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "fedcola.cli", "run", "simulations/cola_minilm_rt.toml", "--run-dir", str(run), "--set", "num-clients=2",
@@ -73,7 +69,7 @@ def test_export_of_a_real_run_reproduces_its_final_validation_metric(tmp_path):
          "--set", "eval.client-max-examples=8", "--set", "data.max-length=32"],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = ledger_mod.load(run / "ledger.json")
+    result = load_ledger(run / "ledger.json")
     final = result["rounds"][-1]["server"]
     export.export_run(run)
     model = AutoModelForSequenceClassification.from_pretrained(run / "export" / "merged")
