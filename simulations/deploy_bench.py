@@ -90,6 +90,11 @@ def exchanges_per_round(method: str) -> int:
     return overrides["local-steps"] + 1 if method == "cola" else 1
 
 
+def ours_share(figures: dict) -> float:
+    """(server compute + critical-path client compute) / round latency: fedcola's own share of a round."""
+    return (figures["client_compute_s"] + figures["server_compute_s"]) / figures["latency_s"]
+
+
 def summarize(results: list[dict]) -> list[dict]:
     """Per method: the last round of each arm (mean over repeats) and the ratios."""
     rows = []
@@ -102,15 +107,14 @@ def summarize(results: list[dict]) -> list[dict]:
         if len(arms) < 2:
             continue
         sim, dep = arms["simulation"], arms["deployment"]
-        ours = [(x["client_compute_s"] + x["server_compute_s"]) / x["latency_s"]
-                for x in (r["rounds"][-1] for r in results if r["method"] == method and r["arm"] == "deployment")]
+        ours = [ours_share(r["rounds"][-1]) for r in results if r["method"] == method and r["arm"] == "deployment"]
         rows.append({
             "method": method, "sim_latency_s": sim["latency_s"], "dep_latency_s": dep["latency_s"],
             "dep_over_sim": dep["latency_s"] / sim["latency_s"],
             "sim_compute_share": sim["client_compute_s"] / sim["latency_s"],
             "dep_compute_share": dep["client_compute_s"] / dep["latency_s"],
-            "sim_ours_share": (sim["client_compute_s"] + sim["server_compute_s"]) / sim["latency_s"],
-            "dep_ours_share": (dep["client_compute_s"] + dep["server_compute_s"]) / dep["latency_s"],
+            "sim_ours_share": ours_share(sim),
+            "dep_ours_share": ours_share(dep),
             "dep_ours_share_per_run": ours,
             "dep_messaging_share": (dep["latency_s"] - sim["latency_s"]) / dep["latency_s"],
             "exchanges_per_round": exchanges_per_round(method),
