@@ -1,16 +1,18 @@
 """Centralized GreenTrainer benchmark (Huang et al., ICLR 2024, arXiv 2309.13192, Sec. 5): full
-fine-tuning vs GreenTrainer at rho = 0.7 and 0.5 vs peft LoRA, on the embedded MiniLM and
-rotten_tomatoes.
+fine-tuning vs GreenTrainer at rho = 0.7 and 0.5 vs peft LoRA on rotten_tomatoes, on the embedded
+MiniLM (the issue's benchmark) or the embedded SmolLM2-135M (a 30-layer decoder, closer to the
+paper's generative LMs; full FT and GT-0.5).
 
     python -m simulations.green_bench --lr-grid     # learning rates: lr_grid.{json,md}
     python -m simulations.green_bench [--steps N --seeds 0,1,2 --out docs/green]
+    python -m simulations.green_bench --model smollm2 [--lr-grid]   # docs/green/smollm2
 
 Every arm of a seed sees the same batches (batch 16, dynamic padding up to 64 tokens) and the same
 head initialisation, the same number of AdamW steps and the same learning-rate schedule shape
 (linear warm-up over the first 6% of steps, then linear decay to 0). The peak learning rate of
-full fine-tuning, GT-0.7 and GT-0.5 is the best of the same four-point grid (LR_GRID; GT-0.5's goes
-two points higher, past its edge), chosen on the validation split of seed 0 (`--lr-grid`, each arm
-alone); LoRA (r=8, alpha=16 on query/value, plus the classifier head) 1e-3. Results are reported on the test split,
+every full-weight arm is the best of its grid (`Bench.grid`; on MiniLM GT-0.5's goes two points
+higher, past its edge), chosen on the validation split of seed 0 (`--lr-grid`, each arm alone);
+LoRA (r=8, alpha=16 on the attention's query/value, plus the new head) 1e-3. Results are reported on the test split,
 which the grid never sees. GreenTrainer re-selects every `--reselect-every` steps and profiles at the
 padded length 64. FLOPs are measured with FlopCounterMode under the math SDPA backend in every arm
 (`fedcola.green_trainer`), and include GreenTrainer's importance evaluations.
@@ -46,15 +48,39 @@ class Arm:
     lora: bool = False
 
 
-ARMS = (Arm("full-ft", 1.0, 1e-4), Arm("gt-0.7", 0.7, 1e-4), Arm("gt-0.5", 0.5, 1e-3),
-        Arm("lora", 1.0, 1e-3, lora=True))  # full-ft, gt-0.7 and gt-0.5: best of LR_GRID (docs/green/lr_grid.md)
-FULL = ARMS[0].name
-# peak learning rates tried per arm (`--lr-grid`); gt-0.5's best sat on the grid's upper edge, so its grid goes on up
-LR_GRID = {"full-ft": (3e-5, 1e-4, 3e-4, 1e-3), "gt-0.5": (3e-5, 1e-4, 3e-4, 1e-3, 2e-3, 4e-3),
-           "gt-0.7": (3e-5, 1e-4, 3e-4, 1e-3)}
+@dataclass(frozen=True)
+class Bench:
+    """One model's benchmark: its description, new head, LoRA targets, the grid-best peak lr of every
+    arm (`--lr-grid`, `lr_grid.md` in its OUT) and the peak lrs tried per arm."""
+
+    title: str
+    about: str
+    head: str
+    lora_targets: str
+    lrs: dict[str, float]
+    grid: dict[str, tuple[float, ...]]
+
+    def arms(self) -> tuple[Arm, ...]:
+        return tuple(Arm(name, RHO[name], lr, name == "lora") for name, lr in self.lrs.items())
 
 
-def _arm_runs(arm: Arm, steps: int, reselect_every: int, splits, tok, seed: int):
+RHO = {"full-ft": 1.0, "gt-0.7": 0.7, "gt-0.5": 0.5, "lora": 1.0}
+FULL, DEFAULT_MODEL = "full-ft", "minilm"
+BENCHES = {
+    "minilm": Bench("MiniLM", "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 22.7M parameters) + a new 2-way head",
+                    "classifier", "query,value",
+                    # gt-0.5's best sat on the grid's upper edge, so its grid goes on up
+                    {"full-ft": 1e-4, "gt-0.7": 1e-4, "gt-0.5": 1e-3, "lora": 1e-3},
+                    {"full-ft": (3e-5, 1e-4, 3e-4, 1e-3), "gt-0.5": (3e-5, 1e-4, 3e-4, 1e-3, 2e-3, 4e-3),
+                     "gt-0.7": (3e-5, 1e-4, 3e-4, 1e-3)}),
+    "smollm2": Bench("SmolLM2-135M", "SmolLM2-135M-Instruct (Llama decoder, 30 layers, 135M parameters; the "
+                     "embedded Q4_1 GGUF dequantised to fp32) + a new 2-way head on the last token", "score", "q_proj,v_proj",
+                     {"full-ft": 1e-4, "gt-0.5": 1e-3},
+                     {"full-ft": (3e-5, 1e-4, 3e-4), "gt-0.5": (3e-4, 1e-3, 2e-3)}),
+}
+
+
+def _arm_runs(arm: Arm, steps: int, reselect_every: int, splits, tok, seed: int, model_name: str):
     """One arm's model and its `green_steps` generator (same seed, same batches as every arm)."""
     import torch
 
@@ -63,12 +89,12 @@ def _arm_runs(arm: Arm, steps: int, reselect_every: int, splits, tok, seed: int)
     from fedcola.green_trainer import green_steps, warmup_linear_decay
 
     torch.manual_seed(seed)
-    model = models.load_model("minilm", "classification", num_labels=2)
+    model = models.load_model(model_name, "classification", num_labels=2)
     if arm.lora:
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_config({"task": "classification", "lora.r": 8, "lora.alpha": 16,
-                                                   "lora.targets": "query,value"}))
+                                                   "lora.targets": BENCHES[model_name].lora_targets}))
     loader = train.make_loader(splits["train"], tok, "classification", BATCH, MAX_LENGTH, shuffle=True, seed=seed)
     enc = tok(splits["train"]["text"][:BATCH], padding="max_length", truncation=True, max_length=MAX_LENGTH,
               return_tensors="pt")
@@ -81,13 +107,13 @@ def _arm_runs(arm: Arm, steps: int, reselect_every: int, splits, tok, seed: int)
     return model, run
 
 
-def _setup():
+def _setup(model_name: str):
     import torch
 
     from fedcola import data, models
 
     torch.set_num_threads(1)
-    return data.load_splits("rotten_tomatoes", seed=0), models.load_tokenizer("minilm")  # fixed splits
+    return data.load_splits("rotten_tomatoes", seed=0), models.load_tokenizer(model_name)  # fixed splits
 
 
 def _evaluate(model, splits, tok, names=("validation", "test")) -> dict:
@@ -97,15 +123,15 @@ def _evaluate(model, splits, tok, names=("validation", "test")) -> dict:
                                                           False, 0), "classification") for name in names}
 
 
-def run_seed(seed: int, steps: int, reselect_every: int, arms=ARMS) -> list[dict]:
+def run_seed(seed: int, steps: int, reselect_every: int, model_name: str, arms: tuple[Arm, ...]) -> list[dict]:
     """All arms of one seed interleaved step by step in this process (module docstring), then evaluated."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    splits, tok = _setup()
+    splits, tok = _setup(model_name)
     runs, rng = {}, {}
     for arm in arms:  # each arm's own stream of torch's global RNG (dropout), as if it ran alone
-        runs[arm.name] = (arm, *_arm_runs(arm, steps, reselect_every, splits, tok, seed))
+        runs[arm.name] = (arm, *_arm_runs(arm, steps, reselect_every, splits, tok, seed, model_name))
         rng[arm.name] = torch.get_rng_state()
     wall = dict.fromkeys(runs, 0.0)
     cpu = dict.fromkeys(runs, 0.0)
@@ -129,27 +155,27 @@ def run_seed(seed: int, steps: int, reselect_every: int, arms=ARMS) -> list[dict
             bar.update(tasks[name], loss="evaluating")
             metrics = _evaluate(model, splits, tok)
             bar.update(tasks[name], loss=f"test accuracy {metrics['test']['accuracy']:.3f}")
-            results.append({"arm": name, "lr": arm.lr, "lora": arm.lora, "batch_size": BATCH, "max_length": MAX_LENGTH,
+            results.append({"model": model_name, "arm": name, "lr": arm.lr, "lora": arm.lora, "batch_size": BATCH, "max_length": MAX_LENGTH,
                             "seed": seed, "torch_threads": torch.get_num_threads(), **metrics,
                             "loop_wall_time_s": wall[name], "cpu_time_s": cpu[name], **stats[name].to_dict()})
     return results
 
 
-def lr_grid(steps: int, reselect_every: int, names: list[str]) -> list[dict]:
-    """Each (arm, peak lr) of LR_GRID for the arms `names`, trained alone on seed GRID_SEED; validation
+def lr_grid(steps: int, reselect_every: int, model_name: str, names: list[str]) -> list[dict]:
+    """Each (arm, peak lr) of the model's grid for the arms `names`, trained alone on seed GRID_SEED; validation
     accuracy only (the test split stays unseen), so that each arm's best lr can be picked without
     looking at test."""
     from rich.progress import track
 
-    splits, tok = _setup()
-    arms = {a.name: a for a in ARMS}
+    splits, tok = _setup(model_name)
     out = []
-    for name, lr in track([(n, lr) for n, lrs in LR_GRID.items() if n in names for lr in lrs], description="lr grid"):
-        arm = Arm(name, arms[name].rho, lr, arms[name].lora)
-        model, run = _arm_runs(arm, steps, reselect_every, splits, tok, GRID_SEED)
+    for name, lr in track([(n, lr) for n, lrs in BENCHES[model_name].grid.items() if n in names for lr in lrs],
+                          description="lr grid"):
+        model, run = _arm_runs(Arm(name, RHO[name], lr, name == "lora"), steps, reselect_every, splits, tok, GRID_SEED,
+                               model_name)
         for stats in run:
             pass
-        out.append({"arm": name, "lr": lr, "seed": GRID_SEED, "steps": steps, "train_loss_last_10":
+        out.append({"model": model_name, "arm": name, "lr": lr, "seed": GRID_SEED, "steps": steps, "train_loss_last_10":
                     sum(s.loss for s in stats.steps[-10:]) / len(stats.steps[-10:]), **_evaluate(model, splits, tok, ("validation",))})
     return out
 
@@ -162,12 +188,12 @@ def summarise(results: list[dict]) -> list[dict]:
     for r in results:
         f = full[r["seed"]]
         rows.append({
-            "seed": r["seed"], "arm": r["arm"], "rho": r["rho"], "lr": r["lr"], "total_flops": r["total_flops"],
+            "model": r["model"], "seed": r["seed"], "arm": r["arm"], "rho": r["rho"], "lr": r["lr"], "total_flops": r["total_flops"],
             "selection_flops": r["selection_flops"], "flops_ratio": r["total_flops"] / f["total_flops"],
             "step_flops_ratio": r["train_flops"] / f["train_flops"],
             "achieved_rho": [s["achieved_rho"] for s in r["selections"]],
             "tensors_trained": [len(s["names"]) for s in r["selections"]], "num_candidates": r["num_candidates"],
-            "head_trained": [any("classifier" in n for n in s["names"]) for s in r["selections"]],
+            "head_trained": [any(BENCHES[r["model"]].head + "." in n for n in s["names"]) for s in r["selections"]],
             "wall_time_s": r["loop_wall_time_s"], "wall_ratio": r["loop_wall_time_s"] / f["loop_wall_time_s"],
             "cpu_time_s": r["cpu_time_s"], "cpu_ratio": r["cpu_time_s"] / f["cpu_time_s"],
             "accuracy": r["test"]["accuracy"], "test_examples": r["test"]["num-examples"],
@@ -207,21 +233,24 @@ def targets(agg: dict) -> dict[str, bool]:
 
 def write_readme(rows: list[dict], steps: int, reselect_every: int, path: Path) -> None:
     agg = aggregate(rows)
+    model = rows[0]["model"]
+    bench = BENCHES[model]
     gt = agg["gt-0.5"]
     held = targets(gt)
     yes = {True: "holds", False: "does not hold"}
     seeds = agg[FULL]["seeds"]
     n_test = rows[0]["test_examples"]
     lrs = ", ".join(f"{a} {v['lr']:g}" for a, v in agg.items())
+    where = "" if model == DEFAULT_MODEL else f" --model {model} --out {path.parent}"
     lines = [
-        "# GreenTrainer, centralized: MiniLM on rotten_tomatoes",
+        f"# GreenTrainer, centralized: {bench.title} on rotten_tomatoes",
         "",
-        f"Written by `python -m simulations.green_bench --steps {steps} --reselect-every {reselect_every} "
+        f"Written by `python -m simulations.green_bench{where} --steps {steps} --reselect-every {reselect_every} "
         f"--seeds {','.join(map(str, seeds))}"
-        f"{'' if len(agg) == len(ARMS) else ' --arms ' + ','.join(agg)}`; raw numbers in `results.json`; the learning rates come from "
-        "`python -m simulations.green_bench --lr-grid` (`lr_grid.md`).",
+        f"{'' if len(agg) == len(bench.lrs) else ' --arms ' + ','.join(agg)}`; raw numbers in `results.json`; the "
+        f"learning rates come from `python -m simulations.green_bench{where} --lr-grid` (`lr_grid.md`).",
         "",
-        f"all-MiniLM-L6-v2 (22.7M parameters) + a new 2-way head, {steps} AdamW steps of batch {BATCH} "
+        f"{bench.about}, {steps} AdamW steps of batch {BATCH} "
         f"(max length {MAX_LENGTH}, dynamic padding; every arm of a seed sees the same batches and the same head "
         f"init), linear warm-up ({WARMUP:.0%}) then linear decay to 0. Peak learning rates: {lrs}. "
         f"GreenTrainer re-selects every {reselect_every} steps, importance from one batch. Accuracy on the whole "
@@ -259,7 +288,7 @@ def write_readme(rows: list[dict], steps: int, reselect_every: int, path: Path) 
         if r["arm"].startswith("gt-"):
             lines.append(f"- seed {r['seed']}, {r['arm']}: achieved rho {min(r['achieved_rho']):.3f}-"
                          f"{max(r['achieved_rho']):.3f}, {min(r['tensors_trained'])}-{max(r['tensors_trained'])} of "
-                         f"{r['num_candidates']} tensors, classifier head trained in {sum(r['head_trained'])} of "
+                         f"{r['num_candidates']} tensors, new head trained in {sum(r['head_trained'])} of "
                          f"{len(r['head_trained'])} selections; training steps alone {r['step_flops_ratio']:.3f}x full "
                          f"FT's FLOPs, importance evaluations {r['selection_flops']:.3e} FLOPs")
     acc = agg[FULL]["accuracy"]
@@ -279,7 +308,7 @@ def write_readme(rows: list[dict], steps: int, reselect_every: int, path: Path) 
         "",
         "![accuracy vs measured FLOPs](accuracy_vs_flops.png)",
         "",
-        DIAGNOSIS,
+        NOTES[model],
     ]
     path.write_text("\n".join(lines))
 
@@ -329,6 +358,11 @@ AdamW momentum had given the trained tensors, the new head among them, negative 
 """
 
 
+SMOLLM2_NOTES = ""
+
+NOTES = {"minilm": DIAGNOSIS, "smollm2": SMOLLM2_NOTES}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Test accuracy vs measured training FLOPs: each seed (small) and the mean over seeds (+- SE)."""
     import matplotlib
@@ -349,7 +383,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.legend(loc="lower right")
     ax.set_xlabel("measured training FLOPs (TFLOPs)")
     ax.set_ylabel(f"test accuracy ({rows[0]['test_examples']} examples)")
-    ax.set_title(f"GreenTrainer on MiniLM / rotten_tomatoes, seeds {', '.join(map(str, agg[FULL]['seeds']))}")
+    ax.set_title(f"GreenTrainer on {BENCHES[rows[0]['model']].title} / rotten_tomatoes, seeds {', '.join(map(str, agg[FULL]['seeds']))}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -373,9 +407,10 @@ def write_grid(grid: list[dict], out: Path) -> None:
             best[r["arm"]] = r
     atomic_write_text(out / "lr_grid.json", json.dumps({"grid": grid, "best": {a: r["lr"] for a, r in best.items()}},
                                                        indent=1))
-    steps = grid[0]["steps"]
-    lines = ["# GreenTrainer benchmark: learning-rate grid", "",
-             f"Written by `python -m simulations.green_bench --lr-grid --steps {steps}`. Each arm alone, seed "
+    steps, model = grid[0]["steps"], grid[0]["model"]
+    where = "" if model == DEFAULT_MODEL else f" --model {model} --out {out}"
+    lines = [f"# GreenTrainer benchmark on {BENCHES[model].title}: learning-rate grid", "",
+             f"Written by `python -m simulations.green_bench{where} --lr-grid --steps {steps}`. Each arm alone, seed "
              f"{GRID_SEED}, {steps} AdamW steps of batch {BATCH}, warm-up {WARMUP:.0%} then linear decay to 0 "
              "from the peak lr below; accuracy on the validation split (the benchmark reports the test split).", "",
              "| arm | peak lr | validation accuracy | validation loss | train loss (last 10 steps) |",
@@ -392,16 +427,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per arm")
     parser.add_argument("--reselect-every", type=int, default=50, help="GreenTrainer re-selection interval E (steps)")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    parser.add_argument("--arms", default=",".join(a.name for a in ARMS), help="arms to run (full-ft always; with --lr-grid: only these)")
-    parser.add_argument("--out", type=Path, default=Path("docs/green"))
-    parser.add_argument("--lr-grid", action="store_true", help="only run the learning-rate grid (LR_GRID)")
+    parser.add_argument("--model", choices=sorted(BENCHES), default=DEFAULT_MODEL)
+    parser.add_argument("--arms", help="arms to run (default: all of the model's; full-ft always; with --lr-grid: only these)")
+    parser.add_argument("--out", type=Path, help="default docs/green, docs/green/<model> for another model")
+    parser.add_argument("--lr-grid", action="store_true", help="only run the learning-rate grid (Bench.grid)")
     parser.add_argument("--report", action="store_true", help="only re-render README and plot from OUT/results.json")
     args = parser.parse_args(argv)
+    bench = BENCHES[args.model]
+    args.out = args.out or Path("docs/green") / ("" if args.model == DEFAULT_MODEL else args.model)
+    arms = (args.arms or ",".join(bench.lrs)).split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.lr_grid:  # the grid of the arms asked for; the stored points of the other arms are kept
-        names = [n for n in LR_GRID if n in args.arms.split(",")]
+        names = [n for n in bench.grid if n in arms]
         stored = json.loads((args.out / "lr_grid.json").read_text())["grid"] if (args.out / "lr_grid.json").exists() else []
-        write_grid([r for r in stored if r["arm"] not in names] + lr_grid(args.steps, args.reselect_every, names), args.out)
+        write_grid([r for r in stored if r["arm"] not in names] + lr_grid(args.steps, args.reselect_every, args.model, names),
+                   args.out)
         print(f"wrote {args.out}/lr_grid.json, lr_grid.md")
         return
     if args.report:
@@ -411,7 +451,8 @@ def main(argv: list[str] | None = None) -> None:
         steps, reselect_every = args.steps, args.reselect_every
         results = []
         for seed in (int(s) for s in args.seeds.split(",")):
-            results += run_seed(seed, steps, reselect_every, [a for a in ARMS if a.name in args.arms.split(",") + [FULL]])
+            results += run_seed(seed, steps, reselect_every, args.model,
+                                tuple(a for a in bench.arms() if a.name in arms + [FULL]))
             report(results, steps, reselect_every, args.out)  # after every seed
     report(results, steps, reselect_every, args.out)
     print(f"wrote {args.out}/results.json, README.md, accuracy_vs_flops.png")
