@@ -347,6 +347,14 @@ split), with GreenTrainer trained at full FT's peak lr 5e-5. Checked since, in t
    runs 3 seeds: -3.2, -2.7, -3.9 points at 150 steps. Each arm's seed-0 validation accuracy now
    equals its lr-grid run alone.
 
+5. **The head: not the gap either.** all-MiniLM-L6-v2 was trained as a sentence encoder with mean
+   pooling, while transformers' `BertForSequenceClassification` classifies the [CLS] token through
+   the pooler. A session 6 pilot (each arm alone, seed 0, 150 steps, validation split) replaced the
+   pooler by a masked mean over the tokens. Mean alone: full FT 0.794 (1e-4; 0.781 at 3e-4), GT-0.5
+   0.775 (3e-4; 0.774 at 1e-3, 0.759 at 2e-3), a gap of 1.9 points. Mean, then the checkpoint's
+   pooler dense + tanh: full FT 0.799 (1e-4), GT-0.5 0.773 (3e-4; 0.727 at 1e-3), a gap of 2.7.
+   [CLS]'s gap on the same split is 2.5. The benchmark keeps transformers' head.
+
 So on MiniLM + rotten_tomatoes, GreenTrainer at rho = 0.5 meets the FLOPs and wall-time targets but
 stays 3.3 +- 0.4 (150 steps, 3 seeds) to 4.0 +- 0.6 (600 steps, 2 seeds) points below full
 fine-tuning: the paper's accuracy claim is for multi-billion parameter generative LMs, whose top
