@@ -16,9 +16,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from fedcola import cola_fl, fedavg_lora, lte_client, runtime
+from fedcola import runtime
+from fedcola.cola import records as cola_fl
+from fedcola.fedavg_lora import client as fedavg_lora
+from fedcola.lte import client as lte_client
 from fedcola import config as cfg
-from fedcola.cola import ColaServer
+from fedcola.cola.server import ColaServer
 from strategies.cola import ColA
 from strategies.lte import LTE
 

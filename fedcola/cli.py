@@ -90,11 +90,12 @@ def run(args: argparse.Namespace) -> int:
     import flwr.simulation
     from rich.console import Console
 
-    from fedcola import client_app, ledger, report, server_app
+    from fedcola import client_app, report, server_app
+    from fedcola.fl import ledger
     from fedcola.train import metric_name
 
     run_dir = run_dir or server_app.new_run_dir(config)
-    if not config["client.state-dir"]:  # the virtual clients' state, kept for a resume (fedcola.state)
+    if not config["client.state-dir"]:  # the virtual clients' state, kept for a resume (fedcola.fl.state)
         config = config | {"client.state-dir": str((run_dir / "client-state").resolve())}
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def green(args: argparse.Namespace) -> int:
-    """Centralized GreenTrainer (fedcola.green_trainer.run_config) with a progress bar and a summary."""
+    """Centralized GreenTrainer (fedcola.green.trainer.run_config) with a progress bar and a summary."""
     config = cfg.load(args.config, args.set or [])
     preflight(config)
 
@@ -128,7 +129,8 @@ def green(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from fedcola import green_trainer, server_app
+    from fedcola import server_app
+    from fedcola.green import trainer as green_trainer
 
     run_dir = Path(args.run_dir) if args.run_dir else server_app.new_run_dir(config | {"method": "green"})
     with Progress(TextColumn("[bold]green rho={task.fields[rho]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -159,7 +161,8 @@ def keys(_: argparse.Namespace) -> int:
 def show(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from fedcola import ledger, report
+    from fedcola import report
+    from fedcola.fl import ledger
 
     Console().print(report.summary_table(ledger.load(Path(args.run_dir) / "ledger.json")))
     return 0

@@ -4,7 +4,7 @@ The round's full config travels in every message (``config`` ConfigRecord), so a
 its own ``node_config`` (``fedcola.runtime.node_options``: its client id, its partition or its own
 ``data-path``, its ``state-dir``). With a ``state-dir`` (or the run config's ``client.state-dir``, which
 ``fedcola run`` sets for its virtual clients), each handler's ``context.state`` is saved there after
-every message and restored by a restarted SuperNode or a resumed run (``fedcola.state``).
+every message and restored by a restarted SuperNode or a resumed run (``fedcola.fl.state``).
 
 A SuperNode runs every message in a fresh ``flwr-clientapp`` process, so each handler imports only
 its own method's modules (peft, for instance, is FedAvg-LoRA's alone).
@@ -18,7 +18,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcola import runtime, state, train
+from fedcola import runtime, train
+from fedcola.fl import state
 from fedcola import config as cfg
 
 app = ClientApp()
@@ -34,7 +35,7 @@ def message_config(msg: Message) -> dict:
 def node_handler(handle: Callable[[Message, Context, dict], Message]) -> Callable[[Message, Context], Message]:
     """A message handler with the run config (+ the node's ``data-path``), the node's thread count, and
     its ``context.state`` restored from / saved to the node's ``state-dir`` (else the run config's
-    ``client.state-dir``), per ``run-key`` and partition, one snapshot per round (``fedcola.state``)."""
+    ``client.state-dir``), per ``run-key`` and partition, one snapshot per round (``fedcola.fl.state``)."""
 
     def handler(msg: Message, context: Context) -> Message:
         node = runtime.node_options(context)
@@ -61,7 +62,7 @@ def partition_of(context: Context) -> tuple[int, int]:
 @app.train()
 @node_handler
 def train_handler(msg: Message, context: Context, config: dict) -> Message:
-    from fedcola import fedavg_lora
+    from fedcola.fedavg_lora import client as fedavg_lora
 
     node = runtime.node_options(context)
     weights = msg.content.array_records["arrays"].to_torch_state_dict()
@@ -80,7 +81,7 @@ def train_handler(msg: Message, context: Context, config: dict) -> Message:
 @app.query("cola")
 @node_handler
 def cola_query_handler(msg: Message, context: Context, config: dict) -> Message:
-    from fedcola import cola_client
+    from fedcola.cola import client as cola_client
 
     return cola_client.query(msg, context, config, partition_of(context))
 
@@ -88,7 +89,7 @@ def cola_query_handler(msg: Message, context: Context, config: dict) -> Message:
 @app.train("cola")
 @node_handler
 def cola_train_handler(msg: Message, context: Context, config: dict) -> Message:
-    from fedcola import cola_client
+    from fedcola.cola import client as cola_client
 
     return cola_client.fit(msg, context, config, partition_of(context))
 
@@ -96,6 +97,6 @@ def cola_train_handler(msg: Message, context: Context, config: dict) -> Message:
 @app.train("lte")
 @node_handler
 def lte_train_handler(msg: Message, context: Context, config: dict) -> Message:
-    from fedcola import lte_client
+    from fedcola.lte import client as lte_client
 
     return lte_client.lte_train(msg, context, config)

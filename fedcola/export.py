@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fedcola import cola_fl, fedavg_lora, models, runtime
-from fedcola.adapters import LowRank
-from fedcola.cola import ColaServer
-from fedcola.ledger import load as load_ledger
+from fedcola import models, runtime
+from fedcola.cola import records as cola_fl
+from fedcola.fedavg_lora import client as fedavg_lora
+from fedcola.cola.adapters import LowRank
+from fedcola.cola.server import ColaServer
+from fedcola.fl.ledger import load as load_ledger
 
 HEADS = ("classifier", "score")
 

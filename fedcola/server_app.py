@@ -19,11 +19,15 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
 from fedcola import config as cfg
-from fedcola import checkpoint, cola_fl, fedavg_lora, lte_client, report, runtime, train
-from fedcola.cola import ColaServer
-from fedcola.ledger import Ledger
-from fedcola.ledger import load as load_ledger
-from fedcola.lte import head_parameters
+from fedcola import report, runtime, train
+from fedcola.fl import checkpoint
+from fedcola.cola import records as cola_fl
+from fedcola.fedavg_lora import client as fedavg_lora
+from fedcola.lte import client as lte_client
+from fedcola.cola.server import ColaServer
+from fedcola.fl.ledger import Ledger
+from fedcola.fl.ledger import load as load_ledger
+from fedcola.lte.heads import head_parameters
 from strategies.cola import ColA
 from strategies.fedavg_lora import FedAvgLoRA
 from strategies.lte import make_strategy as make_lte_strategy
@@ -176,7 +180,7 @@ def run_server(grid: Grid, config: dict, run_dir: Path) -> Ledger:
     run_dir.mkdir(parents=True, exist_ok=True)
     config = config if config["run-key"] else config | {"run-key": uuid.uuid4().hex}  # the clients' state key, kept by resumes
     resume = checkpoint.load(run_dir) if config["resume-dir"] else None
-    if resume:  # clients roll their state back to the checkpoint's round (fedcola.state)
+    if resume:  # clients roll their state back to the checkpoint's round (fedcola.fl.state)
         earlier = [r["after_round"] for r in load_ledger(run_dir / "ledger.json").get("resumed", [])]
         config = config | {"resumed-after": ",".join(map(str, [*earlier, resume.round]))}
     ledger = Ledger.reopen(run_dir / "ledger.json", resume.round, config) if resume else Ledger(run_dir / "ledger.json", config["method"], config)

@@ -141,8 +141,8 @@ def build_method(cfg: dict, model: torch.nn.Module):
     kind, mode, adapter = METHODS[cfg["method"]]
     clients = range(cfg["clients"])
     if kind == "cola":
-        from fedcola.cola import ColaServer, ParameterMean
-        from fedcola.cola_fl import adapter_record, build_adapters, sends_changes
+        from fedcola.cola.server import ColaServer, ParameterMean
+        from fedcola.cola.records import adapter_record, build_adapters, sends_changes
 
         server = ColaServer(model, TARGETS.split(","), mode=mode)
         config = {**cola_config(cfg, adapter), "cola.mode": mode}
@@ -259,9 +259,12 @@ def measure_server(cfg: dict) -> dict:
 def measure_bytes(cfg: dict) -> dict:
     """Bytes of one ColA step ((x, G) down in fp16 without padding rows; batch + adapter up) vs the naive
     fp32 (x, G) at padded length `seq`, on real batches; and a FedAvg-LoRA round's ArrayRecords."""
-    from fedcola import cola_fl, fedavg_lora, models, runtime, train, wire
-    from fedcola.capture import Capture
-    from fedcola.cola import ColaServer, client_losses
+    from fedcola import models, runtime, train
+    from fedcola.cola import records as cola_fl
+    from fedcola.fedavg_lora import client as fedavg_lora
+    from fedcola.fl import wire
+    from fedcola.cola.capture import Capture
+    from fedcola.cola.server import ColaServer, client_losses
     from fedcola.config import DEFAULTS
 
     torch.manual_seed(SEED)
@@ -298,7 +301,8 @@ def run_one(cfg: dict) -> dict:
     torch.set_num_threads(cfg["threads"])
     import peft  # noqa: F401  (every child imports the same modules, so their baselines compare)
 
-    from fedcola import cola, models, runtime  # noqa: F401
+    from fedcola import models, runtime  # noqa: F401
+    from fedcola.cola import server as cola  # noqa: F401
 
     result = {"bytes": measure_bytes, "interleaved": measure_interleaved, "server": measure_server}[cfg["kind"]](cfg)
     return {"config": cfg, **result, "torch_threads": torch.get_num_threads()}
@@ -523,7 +527,7 @@ def write_readme(doc: dict, out: Path) -> None:
               "float64 sum S = sum_k n_k w_k and the fp32 mean, `state MB`), clients send the change of their parameters, "
               "so its memory does not grow with K. Merged low-rank keeps every client's factors (K x 0.3 MB).",
               "- Unmerged memory grows far beyond the K resident adapters: roughly one extra full-size (batch, seq, d) "
-              "tensor per client and adapted layer. The per-client loop of `fedcola.capture.Router` (an out-of-place "
+              "tensor per client and adapted layer. The per-client loop of `fedcola.cola.capture.Router` (an out-of-place "
               "`index_copy` per client) is the likely cause; not investigated further here.",
               "- peft with K adapters runs K forward/backward passes on 64/K samples each: its activation memory falls "
               "with K while its resident LoRA + AdamW state grows (K x 0.9 MB), and per-pass overhead grows its time.",

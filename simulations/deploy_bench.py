@@ -34,7 +34,8 @@ import tomllib
 from pathlib import Path
 
 from fedcola import config as cfg
-from fedcola import ledger, loopback
+from fedcola import loopback
+from fedcola.fl import ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {  # the same short configs in both arms

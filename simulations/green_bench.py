@@ -15,7 +15,7 @@ higher, past its edge), chosen on the validation split of seed 0 (`--lr-grid`, e
 LoRA (r=8, alpha=16 on the attention's query/value, plus the new head) 1e-3. Results are reported on the test split,
 which the grid never sees. GreenTrainer re-selects every `--reselect-every` steps and profiles at the
 padded length 64. FLOPs are measured with FlopCounterMode under the math SDPA backend in every arm
-(`fedcola.green_trainer`), and include GreenTrainer's importance evaluations.
+(`fedcola.green.trainer`), and include GreenTrainer's importance evaluations.
 
 The arms of a seed run interleaved in one process with one torch thread: step i of every arm, then
 step i + 1, the arms' order rotated every step. Each arm draws from its own stream of torch's global
@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcola.ledger import atomic_write_text
+from fedcola.fl.ledger import atomic_write_text
 
 SEEDS, BATCH, MAX_LENGTH, WARMUP = (0, 1, 2), 16, 64, 0.06
 GRID_SEED = 0  # learning rates are chosen on this seed's validation accuracy; results are reported on test
@@ -85,8 +85,8 @@ def _arm_runs(arm: Arm, steps: int, reselect_every: int, splits, tok, seed: int,
     import torch
 
     from fedcola import models, train
-    from fedcola.fedavg_lora import lora_config
-    from fedcola.green_trainer import green_steps, warmup_linear_decay
+    from fedcola.fedavg_lora.client import lora_config
+    from fedcola.green.trainer import green_steps, warmup_linear_decay
 
     torch.manual_seed(seed)
     model = models.load_model(model_name, "classification", num_labels=2)
@@ -366,7 +366,7 @@ generative LMs; none of those can run on this hub-less CPU machine.
 
 The earlier fix stays: importance uses a fresh optimizer's first step for every tensor (the live
 AdamW momentum had given the trained tensors, the new head among them, negative importance; see
-`fedcola.green.tensor_importance`).
+`fedcola.green.select.tensor_importance`).
 """
 
 

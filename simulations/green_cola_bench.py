@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedcola.ledger import atomic_write_text
+from fedcola.fl.ledger import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TOML = "simulations/cola_minilm_rt.toml"

@@ -47,7 +47,7 @@ import torch
 from rich.console import Console
 
 from fedcola import config as cfg
-from fedcola.lte import use_factors
+from fedcola.lte.heads import use_factors
 
 ROOT = Path(__file__).resolve().parents[1]
 console = Console()
@@ -76,7 +76,8 @@ def run_arm(config: dict, run_dir: Path, actors: int | None) -> dict:
     or a Flower simulation of the run config on ``actors`` Ray actors; returns the ledger."""
     import flwr.simulation
 
-    from fedcola import client_app, ledger, server_app
+    from fedcola import client_app, server_app
+    from fedcola.fl import ledger
     from fedcola.cli import _watch
 
     stop = threading.Event()
@@ -473,7 +474,8 @@ def main() -> None:
         os.environ.setdefault(key, value)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(1)  # the server's evaluations; more threads than free cores only spin on a shared machine
-    from fedcola import ledger, runtime
+    from fedcola import runtime
+    from fedcola.fl import ledger
 
     size = SIZES["quick" if args.quick else "full"] | ({"reps": args.reps} if args.reps else {})
     out = ROOT / args.out

@@ -2,7 +2,7 @@
 
 One interval (DESIGN.md, "ColA round"): ``query.cola`` -> each sampled client sends I batches (and its
 auxiliary models when the server does not hold them yet); the server runs its frozen base model once
-per batch index over all clients' batches (``fedcola.cola.ColaServer``) and sends each client its own
+per batch index over all clients' batches (``fedcola.cola.server.ColaServer``) and sends each client its own
 rows of (x_m, G_m) in a ``train.cola`` message; the client does gradient learning and replies with
 its updated auxiliary models. A Flower round runs ``local-steps`` intervals, then evaluation.
 
@@ -19,7 +19,7 @@ Use it in your own ServerApp::
 Replies with wrong shapes, dtypes, NaN/Inf, unknown layers or another client's adapter id are
 skipped with a logged reason; the interval goes on with the others.
 
-Green-ColA (``cola.green-rho`` < 1, `fedcola.green_cola`): per interval only the selected adapted layers
+Green-ColA (``cola.green-rho`` < 1, `fedcola.green.cola`): per interval only the selected adapted layers
 are captured (the backward stops at the deepest one), their pairs travel, and the ``train.cola``
 message lists them in ``control["layers"]``; clients report each trained layer's importance in their
 reply's ``importance`` metric, from which the server re-selects after each probe interval.
@@ -41,12 +41,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedcola import cola_fl, train, wire
-from fedcola.adapters import Adapter
-from fedcola.cola import ColaServer, ParameterMean
-from fedcola.green_cola import LayerSelector, layer_profile
-from fedcola.ledger import Ledger
-from strategies.screening import reply_problem, skip
+from fedcola import train
+from fedcola.cola import records as cola_fl
+from fedcola.fl import wire
+from fedcola.cola.adapters import Adapter
+from fedcola.cola.server import ColaServer, ParameterMean
+from fedcola.green.cola import LayerSelector, layer_profile
+from fedcola.fl.ledger import Ledger
+from fedcola.fl.screening import reply_problem, skip
 
 QUERY, FIT = f"{MessageType.QUERY}.cola", f"{MessageType.TRAIN}.cola"
 FIT_METRICS = ("rows", "flops", "peak-memory-bytes", "wall-time-s", "partition-id")
@@ -439,7 +441,7 @@ class ColA(Strategy):
 
     # --- checkpoint (server resume) ---------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """What the next round needs, at the end of a round (``fedcola.checkpoint``): per-client
+        """What the next round needs, at the end of a round (``fedcola.fl.checkpoint``): per-client
         auxiliary models (``adapters/<node>/...``) or the parameter mean's float64 S (``mean/...``) as
         tensors; node -> adapter id, ``synced``, examples, the mean's n_k and Green-ColA's selection as JSON."""
         tensors = {f"adapters/{node}/{k}": v for node, ads in self.adapters.items() for k, v in cola_fl.adapter_record(ads).to_torch_state_dict().items()}

@@ -1,7 +1,7 @@
 """FedAvg of LoRA adapters with screened replies, per-client FLOPs budgets and a cost ledger.
 
 Clients under a GreenTrainer budget rho_k < 1 train different subsets of the tensors
-(`fedcola.fedavg_lora`). Each reply names the tensors its client trained; the server averages each
+(`fedcola.fedavg_lora.client`). Each reply names the tensors its client trained; the server averages each
 tensor over those clients only, weighted by examples (`per_tensor_fedavg`). A copy a client sent
 back untrained is the global value it received: counting it as a zero update would shrink every
 update that only some clients compute by the share of examples held by the others, so weak
@@ -18,10 +18,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedcola.fedavg_lora import TRAINED
-from fedcola.ledger import Ledger
-from fedcola.wire import nbytes
-from strategies.screening import screen, skip
+from fedcola.fedavg_lora.client import TRAINED
+from fedcola.fl.ledger import Ledger
+from fedcola.fl.wire import nbytes
+from fedcola.fl.screening import screen, skip
 
 
 def trained_names(content: RecordDict, current: ArrayRecord) -> list[str]:

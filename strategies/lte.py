@@ -2,17 +2,17 @@
 
 :class:`LTE` is the paper's synchronous round: every sampled client trains its own LoRA head for
 T steps against the server's ``W`` and replies with its low-rank delta; the server merges
-``W <- W + mean_n delta_n`` (fp32 master, ``fedcola.lte.merge``) and next round sends each client
+``W <- W + mean_n delta_n`` (fp32 master, ``fedcola.lte.heads.merge``) and next round sends each client
 the merged update as factors (dense where smaller) so it can advance its own ``W``.
 
 :class:`LTEAsync` merges each delta as it arrives, discounted by staleness
-``(1 + staleness) ** -a`` (``fedcola.lte.merge_async``), and re-dispatches that client at once with
+``(1 + staleness) ** -a`` (``fedcola.lte.heads.merge_async``), and re-dispatches that client at once with
 the *accumulated* merged updates since the version it trained against (the same factors every
 client receives, applied in order, so its ``W`` stays bit-identical to the server's); when those
 would outweigh the dense weights, or are older than the kept history, it gets a full ``W`` instead.
 
-Message layout: ``fedcola.lte_client``. Replies are screened like every fedcola strategy
-(``strategies.screening``): a client error, missing metrics, wrong keys, shapes or rank, or
+Message layout: ``fedcola.lte.client``. Replies are screened like every fedcola strategy
+(``fedcola.fl.screening``): a client error, missing metrics, wrong keys, shapes or rank, or
 non-finite values skip that reply with a logged reason and a ledger entry; the run goes on.
 """
 
@@ -31,11 +31,11 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from torch import Tensor
 
-from fedcola.ledger import Ledger
-from fedcola.lte import Delta, InvalidDeltaError, delta_nbytes, merge, merge_async, staleness_weight, validate_delta
-from fedcola.lte_client import delta_record, initial_arrays, lte_options, record_delta, slowdowns
-from fedcola.wire import nbytes
-from strategies.screening import screen, skip
+from fedcola.fl.ledger import Ledger
+from fedcola.lte.heads import Delta, InvalidDeltaError, delta_nbytes, merge, merge_async, staleness_weight, validate_delta
+from fedcola.lte.client import delta_record, initial_arrays, lte_options, record_delta, slowdowns
+from fedcola.fl.wire import nbytes
+from fedcola.fl.screening import screen, skip
 
 MESSAGE_TYPE = "train.lte"
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -44,7 +44,7 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 class LTE(Strategy):
     """Synchronous LTE. ``start(grid, initial_arrays=W, num_rounds, train_config=ConfigRecord(config),
     evaluate_fn=...)`` as any Flower strategy; ``initial_arrays`` holds the mergeable weights
-    (``fedcola.lte.base_weights``), ``frozen_arrays`` the frozen non-LoRA parameters sent with
+    (``fedcola.lte.heads.base_weights``), ``frozen_arrays`` the frozen non-LoRA parameters sent with
     every full sync. ``r`` (head rank) bounds the accepted factor rank at ``2 r``; ``weighted``
     weights the mean by examples (the paper: plain mean).
 
@@ -218,7 +218,7 @@ class LTE(Strategy):
     # --- checkpoint (server resume) --------------------------------------------------------------
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:
-        """The fp32 master ``W`` and its version, at the end of a round (``fedcola.checkpoint``). The
+        """The fp32 master ``W`` and its version, at the end of a round (``fedcola.fl.checkpoint``). The
         per-node bookkeeping (``sent``, ``history``) is not kept: a resumed run's nodes are unknown to
         it, so each gets one full sync of ``W`` (bit-identical to the ``W`` its restored state holds)."""
         return self.W, {"version": self.version}

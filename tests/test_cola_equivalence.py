@@ -14,10 +14,10 @@ from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from fedcola.adapters import MLP, Linear, LowRank, find_targets, layer_dims, make_adapter
-from fedcola.capture import Capture, Router
-from fedcola.cola import ColaServer, client_losses
-from fedcola.gl import GLClient, quadratic_grads, quadratic_target, vjp_grads
+from fedcola.cola.adapters import MLP, Linear, LowRank, find_targets, layer_dims, make_adapter
+from fedcola.cola.capture import Capture, Router
+from fedcola.cola.server import ColaServer, client_losses
+from fedcola.cola.gl import GLClient, quadratic_grads, quadratic_target, vjp_grads
 
 R, ALPHA = 4, 8.0
 BERT_TARGETS = ["query", "value", "classifier"]

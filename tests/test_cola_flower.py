@@ -7,10 +7,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from fedcola import cola_client, cola_fl, data, models, runtime, wire
+from fedcola import data, models, runtime
+from fedcola.cola import client as cola_client
+from fedcola.cola import records as cola_fl
+from fedcola.fl import wire
 from fedcola import config as cfg
-from fedcola.cola import ColaServer
-from fedcola.ledger import Ledger
+from fedcola.cola.server import ColaServer
+from fedcola.fl.ledger import Ledger
 from strategies.cola import ColA
 
 

@@ -13,7 +13,9 @@ import psutil
 import pytest
 from safetensors import safe_open
 
-from fedcola import ledger, loopback, state
+from fedcola import loopback
+from fedcola.fl import ledger
+from fedcola.fl import state
 from tests.test_deploy_state import tiny_assets
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from fedcola import client_app, cola_fl, models, runtime, state
+from fedcola import client_app, models, runtime
+from fedcola.cola import records as cola_fl
+from fedcola.fl import state
 from fedcola import config as cfg
-from fedcola.cola import ColaServer
+from fedcola.cola.server import ColaServer
 from strategies.cola import ColA
 
 pytestmark = pytest.mark.usefixtures("one_thread")

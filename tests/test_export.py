@@ -10,9 +10,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from fedcola import cola_fl, export, models, runtime, train
-from fedcola.cola import ColaServer
-from fedcola.ledger import Ledger, load as load_ledger
+from fedcola import export, models, runtime, train
+from fedcola.cola import records as cola_fl
+from fedcola.cola.server import ColaServer
+from fedcola.fl.ledger import Ledger, load as load_ledger
 from tests.test_cola_flower import setup  # noqa: F401  (the tiny local model + CSV fixture)
 
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import psutil
 import tomllib
-
-from fedcola import ledger
+from fedcola.fl import ledger
 from fedcola.config import DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ from torch import nn
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, ViTConfig, ViTForImageClassification)
 
-from fedcola.flops import measure_step_flops, profile_tensors
-from fedcola.green import GreenSelector, apply_selection, dp_select, select, smallest_feasible_rho, tensor_importance
-from fedcola.lte import attach_heads
+from fedcola.green.flops import measure_step_flops, profile_tensors
+from fedcola.green.select import GreenSelector, apply_selection, dp_select, select, smallest_feasible_rho, tensor_importance
+from fedcola.lte.heads import attach_heads
 
 B, L, V, D = 2, 32, 500, 64
 QK = re.compile(r"(query|key|[qk]_proj)\.")
@@ -31,7 +31,7 @@ def _tiny(kind: str) -> tuple[nn.Module, dict]:
         cfg = LlamaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, intermediate_size=128)
         return LlamaForCausalLM(cfg), {"input_ids": ids, "labels": ids}
-    if kind == "lte":  # LTE heads (fedcola.lte.LTELinear: A, B, bias on one module) on every Linear of a Llama
+    if kind == "lte":  # LTE heads (fedcola.lte.heads.LTELinear: A, B, bias on one module) on every Linear of a Llama
         model, batch = _tiny("llama")
         return attach_heads(model, r=4, alpha=8.0, seed=1), batch
     if kind == "gpt2":  # tied LM head

@@ -11,8 +11,9 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcola import config as cfg
-from fedcola import fedavg_lora, runtime
-from fedcola.ledger import Ledger
+from fedcola import runtime
+from fedcola.fedavg_lora import client as fedavg_lora
+from fedcola.fl.ledger import Ledger
 from strategies.fedavg_lora import FedAvgLoRA, per_tensor_fedavg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,8 +150,8 @@ def test_lte_client_under_budget_trains_only_its_selected_heads_and_the_merge_av
     (A, B of every other head equal their snapshot), sends only those weights, counts fewer FLOPs in
     the ledger; the server's W moves by the mean over the clients that sent each weight, and both
     clients' W stay bit-identical to the server's."""
-    from fedcola import lte_client
-    from fedcola.lte import dense
+    from fedcola.lte import client as lte_client
+    from fedcola.lte.heads import dense
     from strategies.lte import LTE
 
     weights, frozen = lte_client.initial_arrays(LTE_CONFIG)

@@ -6,13 +6,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from transformers import BertConfig, BertForSequenceClassification
-
-from fedcola import cola_client, cola_fl, gl
+from fedcola.cola import client as cola_client
+from fedcola.cola import records as cola_fl
+from fedcola.cola import gl
 from fedcola import config as cfg
-from fedcola.adapters import layer_dims, make_adapter
-from fedcola.cola import ColaServer
-from fedcola.green_cola import LayerSelector, aggregate_importance, layer_profile
-from fedcola.ledger import Ledger
+from fedcola.cola.adapters import layer_dims, make_adapter
+from fedcola.cola.server import ColaServer
+from fedcola.green.cola import LayerSelector, aggregate_importance, layer_profile
+from fedcola.fl.ledger import Ledger
 from tests.test_cola_flower import _identity, _server, setup  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""Centralized GreenTrainer (fedcola.green_trainer): measured FLOPs respect rho, frozen tensors stay
+"""Centralized GreenTrainer (fedcola.green.trainer): measured FLOPs respect rho, frozen tensors stay
 frozen, reselection every E steps, clear errors (Huang et al., ICLR 2024, arXiv 2309.13192, Sec. 4)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from fedcola.flops import measure_step_flops
-from fedcola.green_trainer import train_green
+from fedcola.green.flops import measure_step_flops
+from fedcola.green.trainer import train_green
 
 B, L, V, D = 4, 32, 500, 64
 TOL = 0.05  # profile vs FlopCounterMode on backward FLOPs, as asserted in tests/test_green.py

@@ -1,8 +1,7 @@
 import json
 
 import pytest
-
-from fedcola import ledger as L
+from fedcola.fl import ledger as L
 
 
 def _client(node):

@@ -1,4 +1,4 @@
-"""Tests for fedcola.lte: merge rule, LoRA-with-merge equivalence, wire format, async rule."""
+"""Tests for fedcola.lte.heads: merge rule, LoRA-with-merge equivalence, wire format, async rule."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedcola.lte import (
+from fedcola.lte.heads import (
     InvalidDeltaError,
     LTELinear,
     StaleDeltaError,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fedcola import ledger, loopback
+from fedcola import loopback
+from fedcola.fl import ledger
 from tests.test_deploy import ROOT, _stopped, run_config
 from tests.test_deploy import pytestmark as deploy_mark
 from tests.test_deploy_state import tiny_assets

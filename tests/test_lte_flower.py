@@ -15,12 +15,13 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from safetensors.torch import load_file
 
-from fedcola import lte_client, runtime, server_app, train
+from fedcola import runtime, server_app, train
+from fedcola.lte import client as lte_client
 from fedcola.config import DEFAULTS
-from fedcola.ledger import Ledger
-from fedcola.lte import LTELinear, apply_merged_update, dense, head_delta, head_parameters, reset_heads, use_factors
-from fedcola.lte_client import record_delta
-from fedcola.wire import nbytes
+from fedcola.fl.ledger import Ledger
+from fedcola.lte.heads import LTELinear, apply_merged_update, dense, head_delta, head_parameters, reset_heads, use_factors
+from fedcola.lte.client import record_delta
+from fedcola.fl.wire import nbytes
 from strategies.lte import LTE, LTEAsync, make_strategy
 
 R = 4

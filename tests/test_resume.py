@@ -15,10 +15,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-from fedcola import checkpoint, client_app, cola_fl, ledger, models, state
+from fedcola import client_app, models
+from fedcola.fl import checkpoint
+from fedcola.cola import records as cola_fl
+from fedcola.fl import ledger
+from fedcola.fl import state
 from fedcola import config as cfg
 from fedcola.cli import main as cli_main
-from fedcola.cola import ColaServer
+from fedcola.cola.server import ColaServer
 from strategies.cola import ColA
 from tests.test_deploy_state import tiny_assets
 from tests.test_simulation import _leftovers, _tagged_processes

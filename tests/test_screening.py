@@ -5,9 +5,9 @@ import torch
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedcola.ledger import Ledger
-from fedcola.wire import nbytes
-from strategies.screening import screen
+from fedcola.fl.ledger import Ledger
+from fedcola.fl.wire import nbytes
+from fedcola.fl.screening import screen
 
 METRICS = {"num-examples": 10, "train-loss": 0.5, "flops": 100, "peak-memory-bytes": 1, "wall-time-s": 0.1, "partition-id": 0}
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 from safetensors.torch import load_file
-
-from fedcola import ledger
+from fedcola.fl import ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,10 @@ import time
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedcola import cola_fl, gl, runtime, train, wire
+from fedcola import runtime, train
+from fedcola.cola import records as cola_fl
+from fedcola.cola import gl
+from fedcola.fl import wire
 
 ADAPTERS, OPTIMIZER, ACKED = "cola.adapters", "cola.optimizer", "cola.acked"
 

@@ -1,9 +1,9 @@
 """Centralized GreenTrainer: fine-tuning under a FLOPs budget rho (Huang et al., ICLR 2024,
 arXiv 2309.13192, Sec. 4).
 
-`train_green` (`green_steps`, one step at a time) profiles the model once (Sec. 4.1, `fedcola.flops.profile_tensors`), then every
+`train_green` (`green_steps`, one step at a time) profiles the model once (Sec. 4.1, `fedcola.green.flops.profile_tensors`), then every
 `reselect_every` steps evaluates tensor importance and solves the selection DP (Sec. 4.2-4.3,
-`fedcola.green.GreenSelector`), and trains only the selected tensors with ordinary optimizer steps
+`fedcola.green.select.GreenSelector`), and trains only the selected tensors with ordinary optimizer steps
 (`fedcola.train.train_steps`). rho = 1 is plain fine-tuning of every trainable tensor, with no
 profile and no importance evaluation; a peft model at rho = 1 is the LoRA baseline.
 
@@ -11,7 +11,7 @@ FLOPs are measured, not taken from the profile: every training step and every im
 evaluation runs under `torch.utils.flop_counter.FlopCounterMode` with the math SDPA backend
 (`sdpa_kernel(SDPBackend.MATH)`). FlopCounterMode has no formula for the CPU flash-attention kernel
 that sdpa picks by default, and the math backend's matmuls are counted; this is also what
-`fedcola.flops.measure_step_flops` does, so profile and measurement see the same attention. Every
+`fedcola.green.flops.measure_step_flops` does, so profile and measurement see the same attention. Every
 arm runs this way, so its wall time also includes math attention and the counter's dispatch.
 
 Variable sequence length. Loaders pad each batch to its longest row, so a step's cost varies. The
@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fedcola import runtime, train
-from fedcola.flops import FlopsProfile, profile_tensors
-from fedcola.green import GreenSelector, counted
-from fedcola.ledger import atomic_write_text
+from fedcola.green.flops import FlopsProfile, profile_tensors
+from fedcola.green.select import GreenSelector, counted
+from fedcola.fl.ledger import atomic_write_text
 from fedcola.train import StepStats, train_steps
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -135,7 +135,7 @@ def green_steps(model: nn.Module, train_batches: Iterator[dict[str, Tensor]], st
     `importance_batches - 1` ones (which are still trained on, in order) and the selection DP
     re-solved (`resolution` is its T_q); rho = 1 ignores all three.
 
-    Raises ValueError from `fedcola.green` for rho outside (0, 1] or below the smallest feasible
+    Raises ValueError from `fedcola.green.select` for rho outside (0, 1] or below the smallest feasible
     rho, and ValueError when a selection is empty (every importance <= 0). The requires_grad flags
     of the candidates are restored when the generator finishes or is closed.
     """

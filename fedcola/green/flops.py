@@ -112,7 +112,7 @@ def _vit_embeddings(m: nn.Module, y: Tensor) -> tuple[dict[str, tuple[int, int]]
 
 
 def _lte_linear(m: nn.Module, y: Tensor) -> tuple[dict[str, tuple[int, int]], int, dict[str, int]]:
-    """`fedcola.lte.LTELinear`: y = x W^T + b + s (B (A x) - B~ (A~ x)), with W and the snapshot
+    """`fedcola.lte.heads.LTELinear`: y = x W^T + b + s (B (A x) - B~ (A~ x)), with W and the snapshot
     (A~, B~) buffers. Forward: the main matmul 2 n d_in d_out (charged to the buffer W, i.e. to
     fp_other) and the head and snapshot paths 2 n r (d_in + d_out) each. Backward: dB = (s dy)^T (A x)
     and dA = du^T x with du = s dy B (2 n r d_out, inner: needed iff A or anything deeper trains);
@@ -262,7 +262,7 @@ def profile_tensors(model: nn.Module, inputs: Mapping[str, Any]) -> FlopsProfile
             if id(p) in names and id(p) not in covered:
                 raise ValueError(
                     f"FLOPs profiler does not know module type {type(module).__name__!r} "
-                    f"(module {mod_name!r}, trainable parameter {local!r}); add a cost rule in fedcola.flops")
+                    f"(module {mod_name!r}, trainable parameter {local!r}); add a cost rule in fedcola.green.flops")
 
     clock = itertools.count()
     first_use: dict[int, int] = {}  # id(param) -> time of its first (deepest) use

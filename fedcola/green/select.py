@@ -1,7 +1,7 @@
 """GreenTrainer: adaptive backpropagation under a FLOPs budget (Huang et al., ICLR 2024,
 arXiv 2309.13192, Sec. 4; reference code github.com/pittisl/GreenTrainer).
 
-Pick the 0/1 selection m over trainable tensors (ordered output -> input, see `fedcola.flops`) that
+Pick the 0/1 selection m over trainable tensors (ordered output -> input, see `fedcola.green.flops`) that
     maximises  sum_k m_k I_k   subject to   T_fp + T_bp(m) <= rho (T_fp + T_bp(all))      (objective, Sec. 4)
 where I_k estimates how much training tensor k lowers the loss (Sec. 4.2) and T_bp(m) is the
 profiled backward cost (Sec. 4.1). Selection is redone every few epochs (`GreenSelector`).
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedcola.flops import FlopsProfile, apply_selection, profile_tensors
+from fedcola.green.flops import FlopsProfile, apply_selection, profile_tensors
 from fedcola.train import StepStats, train_steps
 
 __all__ = ["BudgetSelection", "GreenSelector", "apply_selection", "counted", "dp_select", "fresh_optimizer", "select",
@@ -231,8 +231,8 @@ def select_under_budget(model: nn.Module, batches: Sequence[Mapping[str, Any]], 
     applied to `model` (requires_grad False for every other tensor, so autograd skips their work).
 
     The caller then trains with its usual loop and restores its candidates' flags afterwards with
-    `apply_selection(model, candidates)`. Used by FedAvg-LoRA clients (`fedcola.fedavg_lora`); any
-    client that trains the requires_grad tensors of a model whose modules `fedcola.flops` knows can
+    `apply_selection(model, candidates)`. Used by FedAvg-LoRA clients (`fedcola.fedavg_lora.client`); any
+    client that trains the requires_grad tensors of a model whose modules `fedcola.green.flops` knows can
     call it the same way (an unknown module type is a ValueError naming it). Raises ValueError for
     rho outside (0, 1], below the smallest feasible rho, or when no tensor has positive importance.
     """

@@ -10,7 +10,7 @@ does. Everything above it is then in the graph, everything below it is not, and 
 at that leaf by itself. G_m is read with torch.autograd.grad(loss, [h_m ...]), which equals
 what a tensor hook on h_m would see.
 
-Three forwards (see `fedcola.cola` for when each is used):
+Three forwards (see `fedcola.cola.server` for when each is used):
   * merged:   no Router; the adapted weights W + mean_k dW_k are already in the layer's weights.
   * unmerged: a `Router` adds g_{k(i)}(x_i) for each sample i through its owner k(i)'s adapter
               (the paper's Router idea); adapter parameters are treated as constants, but x keeps

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord
 from safetensors.torch import load_file, save_file
-
-from fedcola import adapters as ad
+from fedcola.cola import adapters as ad
 from fedcola.config import names
 from fedcola import models, runtime
 

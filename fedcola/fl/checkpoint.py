@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 FILE = "checkpoint.safetensors"
-META = "fedcola.checkpoint"
+META = "fedcola.fl.checkpoint"
 
 
 @dataclasses.dataclass

@@ -5,9 +5,9 @@ Cost (`layer_profile`). The ColA server's base model is frozen: it computes no p
 (t_dw = 0), only the activation-gradient backward from the loss down to the deepest adapted layer
 whose pairs (x_m, G_m) it must send. Selecting layer m therefore costs the dy segments from the
 output down to m: with layers ordered output -> input, T_bp(m) = sum_i [max_{j>=i} m_j] t_dy_i,
-the t_dy being `fedcola.flops.profile_tensors`'s profile of the server's model with only the adapted
+the t_dy being `fedcola.green.flops.profile_tensors`'s profile of the server's model with only the adapted
 layers' weights marked trainable (t_dy_i = the backward work between adapted layer i and the next
-one above it). The existing DP (`fedcola.green.select`) then picks a depth cutoff plus the layers
+one above it). The existing DP (`fedcola.green.select.select`) then picks a depth cutoff plus the layers
 above it worth their importance.
 
 Budget. T_bp(m) <= rho T_bp(all): rho is the fraction of plain ColA's server backward. The paper
@@ -17,7 +17,7 @@ the forward is the same whatever is selected (every auxiliary model acts in it),
 budget rho (0 + T_bp(all)) - 0 is exactly this one.
 
 Importance (`aggregate_importance`). Client k reports, per layer it trained, I_mk = -sum(g_m * dw_m)
-of the GL step it took (`fedcola.gl.GLClient.importance`: nothing is undone). The server averages
+of the GL step it took (`fedcola.cola.gl.GLClient.importance`: nothing is undone). The server averages
 with the merge weights a_k (1/K, or the example counts: `cola.weighting`), the merged model's change
 being sum_k a_k dW_k, and divides by max_m |I_m| as the reference code does.
 
@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from fedcola.flops import FlopsProfile, apply_selection, profile_tensors
-from fedcola.green import select
+from fedcola.green.flops import FlopsProfile, apply_selection, profile_tensors
+from fedcola.green.select import select
 
 
 def layer_profile(model: nn.Module, targets: Mapping[str, nn.Module], inputs: Mapping[str, Any]) -> FlopsProfile:

@@ -13,8 +13,8 @@ from logging import WARNING
 from flwr.app import ArrayRecord, Message
 from flwr.common.logger import log
 
-from fedcola.ledger import Ledger
-from fedcola.wire import check_arrays, nbytes
+from fedcola.fl.ledger import Ledger
+from fedcola.fl.wire import check_arrays, nbytes
 
 REQUIRED_METRICS = ("num-examples", "train-loss", "flops", "peak-memory-bytes", "wall-time-s", "partition-id")
 

@@ -2,7 +2,7 @@
 
 ColA, arXiv 2404.13844, server side. Per adaptation interval the server runs ONE
 forward + backward over the concatenated batches of all clients and returns to each client its
-own rows of (x_m, G_m) for every adapted layer m; clients then do gradient learning (`fedcola.gl`).
+own rows of (x_m, G_m) for every adapted layer m; clients then do gradient learning (`fedcola.cola.gl`).
 
 Loss convention: L = sum_k L_k, L_k = mean loss over client k's own samples (tokens for a causal
 LM). Samples do not interact in the forward, so client k's rows of G = dL/dh are exactly the
@@ -16,7 +16,7 @@ Modes:
               Client k's GL gradient is then d/dw_k of L_k(W' + dW_k(w_k) - dW_k(w_k^t)): each
               client descends its own loss in the shared averaged model.
   * unmerged: each sample goes through its owner's auxiliary model (Router); any adapter works.
-  * detached: unmerged, with auxiliary models fed x.detach() (see `fedcola.capture`).
+  * detached: unmerged, with auxiliary models fed x.detach() (see `fedcola.cola.capture`).
 Merged and unmerged give the same G for one client with a mergeable adapter. With K > 1 they
 differ: merged evaluates every client's rows in the averaged model W + mean_k dW_k, unmerged in
 client k's personal model W + dW_k.
@@ -36,9 +36,9 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
-from fedcola.adapters import Adapter, Linear, find_targets
+from fedcola.cola.adapters import Adapter, Linear, find_targets
 from fedcola import train  # noqa: F401  (registers FlopCounterMode's CPU attention formulas)
-from fedcola.capture import Capture, Router, token_rows
+from fedcola.cola.capture import Capture, Router, token_rows
 
 Mode = Literal["merged", "unmerged", "detached"]
 MODES: tuple[str, ...] = ("merged", "unmerged", "detached")

@@ -6,7 +6,7 @@ its partition, and returns its trainable tensors; the server averages them weigh
 (McMahan et al. 2017), which is Flower's FedAvg.
 
 A client with a FLOPs budget rho_k < 1 (node config ``green-rho``) trains only the tensors that
-GreenTrainer selects for it (`fedcola.green.select_under_budget`, re-selected every round on its
+GreenTrainer selects for it (`fedcola.green.select.select_under_budget`, re-selected every round on its
 first local batch) and reports which ones it trained; the server averages each tensor over the
 clients that trained it (`strategies.FedAvgLoRA`).
 """
@@ -21,7 +21,7 @@ from torch import nn
 
 from fedcola import runtime, train
 from fedcola.config import names
-from fedcola.green import train_under_budget
+from fedcola.green.select import train_under_budget
 
 
 def lora_config(config: dict) -> LoraConfig:

@@ -36,10 +36,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from flwr.common.logger import log
 from safetensors import safe_open
 
-from fedcola.checkpoint import atomic_save_file
+from fedcola.fl.checkpoint import atomic_save_file
 
 NODE = "fedcola.node"
-META_KEY = "fedcola.state"
+META_KEY = "fedcola.fl.state"
 SNAPSHOT = re.compile(r"round-(\d+)\.safetensors")
 
 

@@ -37,8 +37,8 @@ from torch import nn
 
 from fedcola import models, runtime, train
 from fedcola.config import names
-from fedcola.green import train_under_budget
-from fedcola.lte import (
+from fedcola.green.select import train_under_budget
+from fedcola.lte.heads import (
     Delta,
     InvalidDeltaError,
     apply_merged_update,

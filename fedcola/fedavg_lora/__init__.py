@@ -1,0 +1,1 @@
+"""fedavg_lora"""
