@@ -117,7 +117,10 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     console.print(report.summary_table(result))
     console.print(f"ledger: {run_dir / 'ledger.json'}\nplot:   {run_dir / 'curves.png'}\nweights: {run_dir / 'final.safetensors'}")
-    return 0 if result["status"] == "completed" else 1
+    if result["status"] != "completed":
+        print(f"fedcola: run {result['status']}: {result['summary'].get('error', 'see the ledger')}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def green(args: argparse.Namespace) -> int:
@@ -196,7 +199,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print the summary table of a finished run")
     s.add_argument("run_dir")
     s.set_defaults(func=show)
-    e = sub.add_parser("export", help="write a finished run as transformers / peft folders")
+    what = ("write a finished run as transformers / peft folders (ColA merged: merged/ and peft/merged/; unmerged / detached: "
+            "each client's peft/partition-<id>/, or personal/partition-<id>/ for linear auxiliary models; FedAvg-LoRA: peft/global/)")
+    e = sub.add_parser("export", help=what, description=what)
     e.add_argument("run_dir")
     e.add_argument("--out", help="destination (default: <run_dir>/export)")
     e.set_defaults(func=export)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedcola import runtime, train
@@ -62,41 +62,60 @@ def partition_of(context: Context) -> tuple[int, int]:
 @app.train()
 @node_handler
 def train_handler(msg: Message, context: Context, config: dict) -> Message:
-    from fedcola.fedavg_lora import client as fedavg_lora
+    from fedcola import specs
 
     node = runtime.node_options(context)
-    weights = msg.content.array_records["arrays"].to_torch_state_dict()
-    new_state, stats, num_examples, selection = fedavg_lora.client_train(
-        config, weights, node.partition_id, node.num_partitions, config["server-round"], rho=node.green_rho)
-    metrics = MetricRecord({
-        "num-examples": num_examples, "train-loss": float(stats.loss), "flops": int(stats.flops),
-        "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": float(stats.wall_time_s),
-        "partition-id": node.partition_id, "green-rho": node.green_rho,
-    })
-    content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": metrics,
-                          fedavg_lora.TRAINED: ConfigRecord({"names": list(new_state if selection is None else selection.names)})})
-    return Message(content, reply_to=msg)
+    return specs.fedavg_client(config, node.partition_id, node.num_partitions, node.green_rho).train(msg, context)
+
+
+def cola_client(config: dict, pid: int, n: int):
+    """fedcola's own ColA client for partition ``pid`` of ``n`` (or the node's own ``data-path``):
+    interval ``step``'s batches drawn from (seed, step, partition) only, a prefix of its validation split."""
+    from fedcola.cola.client import ColaClient
+
+    part = runtime.client_split(config, pid, n)
+
+    def batches(step: int, count: int) -> list[dict]:
+        loader = iter(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, step, pid)))
+        return [next(loader) for _ in range(count)]
+
+    def validation():
+        held_out = runtime.client_split(config, pid, n, "validation")
+        yield from runtime.loader(config, held_out.select(range(min(len(held_out), config["eval.client-max-examples"]))), shuffle=False, seed=0)
+
+    return ColaClient(pid, batches, validation=validation(), examples=len(part))
 
 
 @app.query("cola")
 @node_handler
 def cola_query_handler(msg: Message, context: Context, config: dict) -> Message:
-    from fedcola.cola import client as cola_client
-
-    return cola_client.query(msg, context, config, partition_of(context))
+    return cola_client(config, *partition_of(context)).query(msg, context)
 
 
 @app.train("cola")
 @node_handler
 def cola_train_handler(msg: Message, context: Context, config: dict) -> Message:
-    from fedcola.cola import client as cola_client
+    return cola_client(config, *partition_of(context)).train(msg, context)
 
-    return cola_client.fit(msg, context, config, partition_of(context))
+
+def lte_train(msg: Message, context: Context, config: dict) -> Message:
+    """fedcola's own LTE client: the run's model (built once per process), the node's partition (round
+    k's batches drawn from (seed, k, partition)), its FLOPs budget and straggler factor."""
+    from fedcola import specs
+    from fedcola.lte.client import LTEClient
+
+    node = runtime.node_options(context)
+    part = runtime.client_split(config, node.partition_id, node.num_partitions)
+
+    def batches(rounds: int, count: int):
+        return train.cycle(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, rounds, node.partition_id)))
+
+    client = LTEClient(specs.lte_cached_model(config), batches, node.partition_id, examples=len(part), green_rho=node.green_rho,
+                       slowdown=specs.lte_slowdown(config, node))
+    return client.train(msg, context)
 
 
 @app.train("lte")
 @node_handler
 def lte_train_handler(msg: Message, context: Context, config: dict) -> Message:
-    from fedcola.lte import client as lte_client
-
-    return lte_client.lte_train(msg, context, config)
+    return lte_train(msg, context, config)

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Scalar] = {
     "fraction-train": 1.0,
     "rounds": 3,
     "round-timeout": 3600.0,
+    "allow-empty-rounds": False,  # a round in which no client reply was accepted warns instead of failing the run
     "seed": 0,
     "local-steps": 20,
     "batch-size": 16,

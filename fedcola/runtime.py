@@ -103,8 +103,8 @@ def validation_loader(config: dict):
 
 
 def round_seed(config: dict, server_round: int, partition_id: int) -> int:
-    """Shuffling seed of one client's round: distinct per (seed, round, client), reproducible."""
-    return config["seed"] * 1_000_003 + server_round * 1_009 + partition_id
+    """Shuffling seed of one client's round (``train.round_seed`` of the run's seed)."""
+    return train.round_seed(config["seed"], server_round, partition_id)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,18 +19,14 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
 from fedcola import config as cfg
-from fedcola import report, runtime, train
+from fedcola import report, runtime, specs, train
 from fedcola.fl import checkpoint
 from fedcola.cola import records as cola_fl
 from fedcola.fedavg_lora import client as fedavg_lora
-from fedcola.lte import client as lte_client
-from fedcola.cola.server import ColaServer
 from fedcola.fl.ledger import Ledger
 from fedcola.fl.ledger import load as load_ledger
 from fedcola.lte.heads import head_parameters
-from strategies.cola import ColA
 from strategies.fedavg_lora import FedAvgLoRA
-from strategies.lte import make_strategy as make_lte_strategy
 
 
 RESUMABLE = ("fedavg_lora", "cola", "lte")
@@ -72,9 +68,11 @@ def _record_eval(ledger: Ledger, server_round: int, evaluate: Callable[[], dict[
 
 
 def run_fedavg_lora(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: checkpoint.Checkpoint | None) -> None:
-    model = fedavg_lora.build_model(config)
+    model = specs.fedavg_model(config)
     initial, done = (resume.tensors, resume.round) if resume else (fedavg_lora.trainable_state(model), 0)
-    strategy = FedAvgLoRA(fraction_train=config["fraction-train"], min_available_nodes=config["num-clients"], ledger=ledger, round_offset=done)
+    strategy = FedAvgLoRA(model, optimizer=specs.optimizer_spec(config), local_steps=config["local-steps"], seed=config["seed"],
+                          fraction_train=config["fraction-train"], min_available_nodes=config["num-clients"],
+                          allow_empty_rounds=config["allow-empty-rounds"], ledger=ledger, round_offset=done)
     result = strategy.start(
         grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=config["rounds"] - done, timeout=config["round-timeout"],
         train_config=ConfigRecord(dict(config)), evaluate_fn=make_evaluate_fn(config, ledger, model, run_dir, done),
@@ -85,15 +83,15 @@ def run_fedavg_lora(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, res
 def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: checkpoint.Checkpoint | None) -> None:
     """ColA: the server's frozen base model; evaluation of W + mean dW (merged) or of each client's
     personal model, averaged over clients (unmerged / detached)."""
-    server = ColaServer(runtime.base_model(config), cola_fl.targets_of(config), mode=config["cola.mode"])
-    strategy = ColA(server, config, ledger=ledger, num_labels=runtime.num_labels(config) if config["task"] == "classification" else None)
+    strategy = specs.cola_strategy(config, ledger=ledger)
+    server = strategy.server
     if resume:
         strategy.load_state(resume.round, resume.tensors, resume.state)
     loader = runtime.validation_loader(config)
 
     def evaluate_fn(server_round: int, _: ArrayRecord) -> MetricRecord:
         def evaluate() -> dict[str, float]:
-            groups = strategy.evaluation_groups() or [{0: cola_fl.build_adapters(config, seed=0)}]
+            groups = strategy.evaluation_groups() or [{0: specs.build_adapters(config, seed=0)}]
             per_group = [train.evaluate_logits(server.predictor(g), loader, config["task"]) for g in groups]
             return {k: sum(m[k] for m in per_group) / len(per_group) for k in per_group[0]}
 
@@ -105,17 +103,17 @@ def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: ch
     done = resume.round if resume else 0
     strategy.start(grid=grid, num_rounds=config["rounds"] - done, timeout=config["round-timeout"], train_config=ConfigRecord(dict(config)),
                    evaluate_fn=evaluate_fn)
-    cola_fl.save_adapters(run_dir / "final.safetensors", strategy.adapter_sets())
+    cola_fl.save_adapters(run_dir / "final.safetensors", strategy.book.by_adapter_id())
 
 
 def run_lte(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: checkpoint.Checkpoint | None) -> None:
     """LTE (or, with ``lte.full-rank``, FedAvg of full-rank weights): the fp32 master W, merged from the
     clients' deltas; evaluated on the server. The summary's ``train_wall_time_s`` is the strategy's run."""
-    strategy, weights = make_lte_strategy(config, ledger)
+    strategy, weights = specs.lte_strategy(config, ledger)
     done = resume.round if resume else 0
     if resume:
         weights = strategy.load_state(resume.round, resume.tensors, resume.state)
-    evaluate = lte_client.make_evaluator(config)
+    evaluate = specs.lte_evaluator(config)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and done:
@@ -154,7 +152,7 @@ def run_centralized(config: dict, run_dir: Path) -> Ledger:
     config = config | {"lte.full-rank": True}
     ledger = Ledger(run_dir / "ledger.json", "centralized", config)
     n = config["num-clients"]
-    model = lte_client.build_model(config, head_seed=0)
+    model = specs.lte_model(config, head_seed=0)
     data = concatenate_datasets([runtime.client_split(config, p, n) for p in range(n)])
     batches = train.cycle(runtime.loader(config, data, shuffle=True, seed=runtime.round_seed(config, 0, 0)))
     optimizer = train.make_optimizer(config["optimizer"], head_parameters(model), config["lr"], config["weight-decay"])

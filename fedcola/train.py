@@ -77,11 +77,32 @@ class StepStats:
     wall_time_s: float
 
 
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer by name and its settings (a client's optimizer and its state never leave the client)."""
+
+    name: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer '{self.name}': known are {', '.join(OPTIMIZERS)}")
+
+    def build(self, params) -> torch.optim.Optimizer:
+        return OPTIMIZERS[self.name](params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+def round_seed(seed: int, server_round: int, client_id: int) -> int:
+    """Seed of one client's round (data order, dropout): distinct per (seed, round, client), reproducible."""
+    return seed * 1_000_003 + server_round * 1_009 + client_id
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    optimizers = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
-    if name not in optimizers:
-        raise ValueError(f"unknown optimizer '{name}': known are {', '.join(optimizers)}")
-    return optimizers[name](params, lr=lr, weight_decay=weight_decay)
+    return OptimizerSpec(name, lr, weight_decay).build(params)
 
 
 def optimizer_record(optimizer: torch.optim.Optimizer) -> ArrayRecord:
@@ -98,13 +119,19 @@ def load_optimizer_record(optimizer: torch.optim.Optimizer, record: ArrayRecord)
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
+def on_device(batch: dict, model: nn.Module) -> dict:
+    """A batch's tensors on the device of ``model``'s parameters (batches are built on the host)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def train_steps(model: nn.Module, batches: Iterator[dict], steps: int, optimizer: torch.optim.Optimizer) -> StepStats:
     """``steps`` optimizer steps of ordinary backprop on the model's trainable parameters."""
     model.train()
     total_loss, examples, flops = 0.0, 0, 0
     t0 = time.perf_counter()
     for _ in range(steps):
-        batch = next(batches)
+        batch = on_device(next(batches), model)
         with FlopCounterMode(display=False) as counter:
             loss = model(**batch).loss
             loss.backward()
@@ -122,7 +149,7 @@ def train_steps(model: nn.Module, batches: Iterator[dict], steps: int, optimizer
 def evaluate(model: nn.Module, loader: DataLoader, task: str) -> dict[str, float]:
     """Mean loss and the task metric: accuracy (classification) or perplexity (causal LM)."""
     model.eval()
-    return evaluate_logits(lambda batch: model(**batch).logits, loader, task)
+    return evaluate_logits(lambda batch: model(**on_device(batch, model)).logits, loader, task)
 
 
 @torch.no_grad()
@@ -131,14 +158,15 @@ def evaluate_logits(logits_fn, loader: DataLoader, task: str) -> dict[str, float
     loss_sum, correct, count, tokens = 0.0, 0, 0, 0
     for batch in loader:
         logits = logits_fn(batch)
-        count += len(batch["labels"])
+        targets = batch["labels"].to(logits.device)
+        count += len(targets)
         if task == "causal-lm":
-            labels = batch["labels"][:, 1:]
+            labels = targets[:, 1:]
             loss_sum += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"))
             tokens += int((labels != -100).sum())
         else:
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            correct += int((logits.argmax(-1) == targets).sum())
     if task == "causal-lm":
         loss = loss_sum / max(tokens, 1)
         return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "num-examples": count}

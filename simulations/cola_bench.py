@@ -142,11 +142,12 @@ def build_method(cfg: dict, model: torch.nn.Module):
     clients = range(cfg["clients"])
     if kind == "cola":
         from fedcola.cola.server import ColaServer, ParameterMean
-        from fedcola.cola.records import adapter_record, build_adapters, sends_changes
+        from fedcola.cola.records import adapter_record
+        from fedcola.specs import build_adapters
 
         server = ColaServer(model, TARGETS.split(","), mode=mode)
         config = {**cola_config(cfg, adapter), "cola.mode": mode}
-        if sends_changes(config):  # as strategies/cola.py: only the parameter mean of the K clients
+        if mode == "merged" and adapter == "linear":  # as strategies/cola.py: only the parameter mean of the K clients
             mean = ParameterMean(build_adapters(config, seed=0))
             for k in clients:
                 mean.add(k, adapter_record(build_adapters(config, seed=k)).to_torch_state_dict())
@@ -259,7 +260,7 @@ def measure_server(cfg: dict) -> dict:
 def measure_bytes(cfg: dict) -> dict:
     """Bytes of one ColA step ((x, G) down in fp16 without padding rows; batch + adapter up) vs the naive
     fp32 (x, G) at padded length `seq`, on real batches; and a FedAvg-LoRA round's ArrayRecords."""
-    from fedcola import models, runtime, train
+    from fedcola import models, runtime, specs, train
     from fedcola.cola import records as cola_fl
     from fedcola.fedavg_lora import client as fedavg_lora
     from fedcola.fl import wire
@@ -271,7 +272,7 @@ def measure_bytes(cfg: dict) -> dict:
     model = models.load_model(cfg["model"], "classification", num_labels=2)
     tok = models.load_tokenizer(cfg["model"])
     server = ColaServer(model, TARGETS.split(","), mode="merged")
-    adapters = cola_fl.build_adapters(cola_config(cfg, "low-rank"), seed=0)
+    adapters = specs.build_adapters(cola_config(cfg, "low-rank"), seed=0)
     train_split = runtime.dataset_splits(DEFAULTS)["train"]
     loader = iter(train.make_loader(train_split, tok, "classification", cfg["batch"], cfg["seq"], shuffle=True, seed=SEED))
     steps = []
@@ -292,7 +293,7 @@ def measure_bytes(cfg: dict) -> dict:
     adapter_bytes = wire.nbytes(cola_fl.adapter_record(adapters))
     fedavg = {}
     for targets in ("query,value", DEFAULTS["lora.targets"]):
-        lora_model = fedavg_lora.build_model({**DEFAULTS, "model": cfg["model"], "lora.r": R, "lora.alpha": ALPHA, "lora.targets": targets})
+        lora_model = specs.fedavg_model({**DEFAULTS, "model": cfg["model"], "lora.r": R, "lora.alpha": ALPHA, "lora.targets": targets})
         fedavg[targets] = wire.nbytes(wire.to_record(fedavg_lora.trainable_state(lora_model)))
     return {"steps": steps, "adapter_up_bytes": adapter_bytes, "fedavg_lora_record_bytes": fedavg}
 

@@ -47,7 +47,7 @@ import torch
 from rich.console import Console
 
 from fedcola import config as cfg
-from fedcola.lte.heads import use_factors
+from fedcola.lte.merge import use_factors
 
 ROOT = Path(__file__).resolve().parents[1]
 console = Console()

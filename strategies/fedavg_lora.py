@@ -17,11 +17,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from torch import nn
 
-from fedcola.fedavg_lora.client import TRAINED
+from fedcola.fedavg_lora.client import TRAINED, trainable_state
 from fedcola.fl.ledger import Ledger
 from fedcola.fl.wire import nbytes
-from fedcola.fl.screening import screen, skip
+from fedcola.fl.screening import Screened, Skips, screen
+from fedcola.train import OptimizerSpec
 
 
 def trained_names(content: RecordDict, current: ArrayRecord) -> list[str]:
@@ -47,24 +49,40 @@ def per_tensor_fedavg(current: ArrayRecord, contents: list[RecordDict], weight_k
     return ArrayRecord(out)
 
 
-class FedAvgLoRA(FedAvg):
+class FedAvgLoRA(Screened, FedAvg):
     """Flower's FedAvg over peft LoRA tensors; malformed replies are skipped, not fatal.
 
-    Usable in any ServerApp: ``FedAvgLoRA(fraction_train=1.0, ledger=Ledger(...)).start(grid=grid,
-    initial_arrays=ArrayRecord(lora_state), num_rounds=3, train_config=ConfigRecord(config))``.
-    ``round_offset=k`` continues a run after its round k (``initial_arrays`` = the round-k weights).
-    ``min_available_nodes`` holds for the run's first round only (the federation assembles); later
-    rounds sample from the nodes connected then, so a node that never comes back does not stall the run.
+    Usable in any ServerApp: ``FedAvgLoRA(peft_model, local_steps=20, optimizer=OptimizerSpec("adamw",
+    2e-3)).start(grid=grid, num_rounds=3)``: the clients (``fedcola.fedavg_lora.client``) get the
+    local steps, optimizer and ``seed`` in every message's ``config`` record; the initial arrays are
+    the model's trainable tensors. ``round_offset=k`` continues a run after its round k
+    (``initial_arrays`` = the round-k weights). ``min_available_nodes`` holds for the run's first round
+    only (the federation assembles); later rounds sample from the nodes connected then, so a node that
+    never comes back does not stall the run. A round in which no reply was accepted fails the run,
+    unless ``allow_empty_rounds``.
     """
 
-    def __init__(self, *args, ledger: Ledger | None = None, round_offset: int = 0, **kwargs):
+    def __init__(self, model: nn.Module | None = None, *args, optimizer: OptimizerSpec = OptimizerSpec(), local_steps: int = 10, seed: int = 0,
+                 allow_empty_rounds: bool = False, ledger: Ledger | None = None, round_offset: int = 0, **kwargs):
         kwargs.setdefault("fraction_evaluate", 0.0)
         kwargs.setdefault("min_train_nodes", 1)
         kwargs.setdefault("min_available_nodes", 1)
         super().__init__(*args, **kwargs)
-        self.ledger = ledger
+        self.model = model
+        self.settings = {"local-steps": local_steps, "optimizer": optimizer.name, "lr": float(optimizer.lr),
+                         "weight-decay": float(optimizer.weight_decay), "seed": seed}
+        self.skips = Skips(ledger, allow_empty_rounds)
         self.round_offset = round_offset  # a resumed run: Flower's round r is round r + offset of the run
         self._sent: ArrayRecord | None = None
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None, evaluate_fn=None):
+        """Flower's FedAvg loop from ``initial_arrays`` (default: the model's trainable tensors)."""
+        if initial_arrays is None:
+            if self.model is None:
+                raise ValueError("FedAvgLoRA.start needs initial_arrays or a model")
+            initial_arrays = ArrayRecord(trainable_state(self.model))
+        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if server_round > 1:
@@ -73,7 +91,8 @@ class FedAvgLoRA(FedAvg):
         self._sent = arrays
         if self.ledger is not None:
             self.ledger.begin_round(server_round)
-        return super().configure_train(server_round, arrays, config, grid)
+        self.skips.begin_round(server_round)
+        return super().configure_train(server_round, arrays, ConfigRecord(self.settings | dict(config)), grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
@@ -81,10 +100,12 @@ class FedAvgLoRA(FedAvg):
         for msg in replies:
             unknown = set() if msg.has_error() else set(trained_names(msg.content, self._sent)) - set(self._sent.keys())
             if unknown:
-                skip(server_round, msg.metadata.src_node_id, f"trained names unknown tensors {sorted(unknown)[:3]}", self.ledger)
+                self.skips.skip(server_round, msg.metadata.src_node_id, f"trained names unknown tensors {sorted(unknown)[:3]}")
             else:
                 named.append(msg)
-        kept = screen(server_round, named, self._sent, self.ledger, nbytes(self._sent))
+        kept = screen(server_round, named, self._sent, self.ledger, nbytes(self._sent), self.skips)
+        self.skips.accepted(len(kept))
+        self.skips.end_round(server_round)  # no usable reply: the run fails (or, if allowed, the model stays as it is)
         if not kept:
             return None, None
         contents = [msg.content for msg in kept]

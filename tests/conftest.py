@@ -19,3 +19,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+from tests import helpers  # noqa: E402
+
+
+@pytest.fixture
+def task_identity(request):
+    """Flower stamps each message with its process's task identity (set by Flower's runtime); modules that
+    build messages in process use this: run id ``RUN_ID`` of the test module (default 1)."""
+    helpers.set_task_identity(getattr(request.module, "RUN_ID", 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """``helpers.write_tiny_assets``: the tiny random BERT folder, ``data.csv`` and a node's ``own.csv`` (read only)."""
+    return helpers.write_tiny_assets(tmp_path_factory.mktemp("tiny-assets"))
+
+
+@pytest.fixture(scope="module")
+def cola_config(tiny_assets):
+    """``helpers.tiny_cola_config``: a ColA run config on the tiny assets (2 clients, interval 2)."""
+    return helpers.tiny_cola_config(tiny_assets)

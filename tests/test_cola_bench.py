@@ -8,20 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import BertConfig, BertForSequenceClassification
+
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                     max_position_embeddings=64, num_labels=2)
-    path = tmp_path_factory.mktemp("tiny-bert")
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    return path
+    return helpers.write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), vocab_size=100, hidden_size=32, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=64)  # no tokenizer: the benchmark's text is random ids
 
 
 @pytest.mark.parametrize("method", ["cola-merged-lowrank", "peft-lora"])

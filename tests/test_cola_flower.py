@@ -1,57 +1,25 @@
 """ColA's Flower layer: wire format, client state, and bad replies skipped with a reason."""
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from fedcola import data, models, runtime
+from tests import helpers
+from fedcola import specs, data, runtime
 from fedcola.cola import client as cola_client
 from fedcola.cola import records as cola_fl
 from fedcola.fl import wire
 from fedcola import config as cfg
-from fedcola.cola.server import ColaServer
 from fedcola.fl.ledger import Ledger
-from strategies.cola import ColA
 
-
-@pytest.fixture(autouse=True)
-def _identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny random BERT saved as a local model folder and a local CSV dataset: the real loading paths."""
-    root = tmp_path_factory.mktemp("cola")
-    words = ["good", "bad", "film", "plot", "great", "dull", "fine", "awful"]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    (root / "vocab.txt").write_text("\n".join(vocab))
-    tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
-    torch.manual_seed(0)
-    bert = BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=2))
-    bert.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    rows = ["text,label"] + [f"{' '.join(rng.choice(words, 5))},{i % 2}" for i in range(80)]
-    (root / "data.csv").write_text("\n".join(rows))
-    config = cfg.build({"method": "cola", "model": str(root / "model"), "dataset": str(root / "data.csv"), "num-clients": 2,
-                        "batch-size": 4, "cola.interval": 2, "data.max-length": 16, "lr": 1e-2})
-    return config
-
-
-def _server(config, ledger=None):
-    model = models.load_model(config["model"], "classification", num_labels=2)
-    return ColA(ColaServer(model, cola_fl.targets_of(config), mode=config["cola.mode"]), config, ledger=ledger, num_labels=2)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _query_reply(config, node, pid, step=0):
     request = Message(RecordDict({"config": ConfigRecord(dict(config)), "control": ConfigRecord({"step": step, "send-adapter": True})}),
                       dst_node_id=node, message_type="query.cola")
     context = Context(run_id=1, node_id=node, node_config={"partition-id": pid, "num-partitions": 2}, state=RecordDict(), run_config={})
-    return cola_client.query(request, context, config, (pid, 2)), context
+    return helpers.cola_query(request, context, config, (pid, 2)), context
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32", "bf16"])
@@ -66,16 +34,17 @@ def test_wire_round_trip(dtype):
         wire.unpack(record, "fp32" if dtype != "fp32" else "fp16")
 
 
-def test_client_state_round_trips_through_context(setup):
-    config = setup
+def test_client_state_round_trips_through_context(cola_config):
+    config = cola_config
     reply, context = _query_reply(config, node=5, pid=0)
-    client = cola_client.load_client(context, config, 0)
-    dims = cola_fl.layer_dims(config)
+    spec = cola_client.ColaClient.spec(context)
+    client = cola_client.ColaClient(0, [], examples=0).learner(context, spec)
+    dims = specs.layer_dims(config)
     pairs = [{layer: (torch.randn(7, d_in), torch.randn(7, d_out) * 1e-2) for layer, (d_in, d_out) in dims.items()} for _ in range(2)]
     for p in pairs:
         client.step(p)
-    cola_client.save_client(context, client)
-    again = cola_client.load_client(context, config, 0)
+    cola_client.ColaClient.save(context, client)
+    again = cola_client.ColaClient(0, [], examples=0).learner(context, spec)
     for layer in dims:
         for (n, a), (_, b) in zip(client.adapters[layer].state_dict().items(), again.adapters[layer].state_dict().items()):
             assert torch.equal(a, b), n
@@ -83,19 +52,21 @@ def test_client_state_round_trips_through_context(setup):
     assert s1.keys() == s2.keys() and all(torch.equal(torch.as_tensor(s1[i][k]), torch.as_tensor(s2[i][k])) for i in s1 for k in s1[i])
 
 
-def test_an_interval_updates_the_clients_adapters(setup):
-    config = setup
-    strategy = _server(config)
-    replies, contexts = zip(*[_query_reply(config, node=n, pid=n - 1) for n in (1, 2)])
-    batches = strategy._accept_queries(1, replies)
+def test_an_interval_updates_the_clients_adapters(cola_config):
+    config = cfg.build({**cola_config, "local-steps": 1})  # a round of one interval
+    strategy, grid = helpers.cola_strategy(config), helpers.ColaLoopGrid([1, 2], config)
+    intervals = helpers.spy(strategy, "interval_batches")
+    before = {}
+    taken = helpers.spy(strategy, "aggregate_train", before=lambda *_: before.update(
+        {n: helpers.adapter_state(cola_fl.adapter_record(strategy.book.adapters[n])) for n in (1, 2)}))
+    strategy.start(grid=grid, num_rounds=1, timeout=10, train_config=ConfigRecord(dict(config)))
+    (batches,) = [call.result for call in intervals]
     assert sorted(batches) == [1, 2] and len(batches[1]) == 2
-    fits = strategy.configure_fit(strategy.hidden_pairs(batches), ConfigRecord(dict(config)))
-    before = {n: {k: v.clone() for k, v in cola_fl.adapter_record(strategy.adapters[n]).to_torch_state_dict().items()} for n in (1, 2)}
-    answers = [cola_client.fit(m, contexts[m.metadata.dst_node_id - 1], config, (m.metadata.dst_node_id - 1, 2)) for m in fits]
-    _, metrics = strategy.aggregate_train(1, answers)
+    (call,) = taken
+    _, metrics = call.result
     assert metrics["clients"] == 2
     for n in (1, 2):
-        after = cola_fl.adapter_record(strategy.adapters[n]).to_torch_state_dict()
+        after = cola_fl.adapter_record(strategy.book.adapters[n]).to_torch_state_dict()
         assert any(not torch.equal(after[k], before[n][k]) for k in after)
 
 
@@ -106,10 +77,10 @@ def _corrupt_batch(reply, key, value):
     return reply
 
 
-def test_bad_query_replies_are_skipped_with_reasons(setup, tmp_path):
-    config = setup
+def test_bad_query_replies_are_skipped_with_reasons(cola_config, tmp_path):
+    config = cola_config
     ledger = Ledger(tmp_path / "l.json", "cola", config)
-    strategy = _server(config, ledger)
+    strategy = helpers.cola_strategy(config, ledger)
     ok, _ = _query_reply(config, 1, 0)
     ids = ok.content.array_records["batch"]["b0/input_ids"].numpy()
     shape, _ = _query_reply(config, 2, 1)
@@ -149,10 +120,10 @@ def test_causal_lm_labels_are_checked():
     assert "next-token labels" in check(torch.full((2, 6), 50, dtype=torch.int64))
 
 
-def test_another_clients_adapter_id_is_rejected(setup, tmp_path):
-    config = setup
+def test_another_clients_adapter_id_is_rejected(cola_config, tmp_path):
+    config = cola_config
     ledger = Ledger(tmp_path / "l.json", "cola", config)
-    strategy = _server(config, ledger)
+    strategy = helpers.cola_strategy(config, ledger)
     first, _ = _query_reply(config, 1, 0)
     strategy._accept_queries(1, [first])
     impostor, _ = _query_reply(config, 1, 1)  # node 1 now claims partition 1's adapter
@@ -160,29 +131,29 @@ def test_another_clients_adapter_id_is_rejected(setup, tmp_path):
     assert "holds adapter 0" in ledger._round["skipped"][0]["reason"]
 
 
-def test_bad_fit_replies_are_skipped(setup, tmp_path):
-    config = setup
+def test_bad_fit_replies_are_skipped(cola_config, tmp_path):
+    config = cola_config
     ledger = Ledger(tmp_path / "l.json", "cola", config)
-    strategy = _server(config, ledger)
+    strategy = helpers.cola_strategy(config, ledger)
     (q, ctx) = _query_reply(config, 1, 0)
     batches = strategy._accept_queries(1, [q])
     fit_msg = strategy.configure_fit(strategy.hidden_pairs(batches), ConfigRecord(dict(config)))[0]
-    good = cola_client.fit(fit_msg, ctx, config, (0, 2))
+    good = helpers.cola_fit(fit_msg, ctx, config, (0, 2))
     state = good.content.array_records["adapter"].to_torch_state_dict()
     key = next(iter(state))
     bad_shape = Message(RecordDict({"adapter": ArrayRecord({**state, key: torch.zeros(3, 3)}), "metrics": good.content.metric_records["metrics"]}), reply_to=fit_msg)
     inf = Message(RecordDict({"adapter": ArrayRecord({**state, key: torch.full_like(state[key], float("inf"))}), "metrics": good.content.metric_records["metrics"]}), reply_to=fit_msg)
-    before = cola_fl.adapter_record(strategy.adapters[1]).to_torch_state_dict()
+    before = cola_fl.adapter_record(strategy.book.adapters[1]).to_torch_state_dict()
     _, metrics = strategy.aggregate_train(1, [bad_shape, inf])
     assert metrics["clients"] == 0
-    assert all(torch.equal(v, before[k]) for k, v in cola_fl.adapter_record(strategy.adapters[1]).to_torch_state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in cola_fl.adapter_record(strategy.book.adapters[1]).to_torch_state_dict().items())
     reasons = [s["reason"] for s in ledger._round["skipped"]]
     assert "shape (3, 3)" in reasons[0] and "NaN or Inf" in reasons[1]
 
 
-def test_client_rejects_malformed_pairs(setup):
-    config = setup
-    dims = cola_fl.layer_dims(config)
+def test_client_rejects_malformed_pairs(cola_config):
+    config = cola_config
+    dims = specs.layer_dims(config)
     layer, (d_in, d_out) = next(iter(dims.items()))
     good = {f"b{i}/{n}/{p}": torch.zeros(3, di if p == "x" else do) for i in range(2) for n, (di, do) in dims.items() for p in ("x", "G")}
     assert len(cola_fl.pairs_from_payload(good, dims, 2)) == 2
@@ -194,17 +165,17 @@ def test_client_rejects_malformed_pairs(setup):
         cola_fl.pairs_from_payload({**good, "b0/classifier.extra/x": torch.zeros(3, 2)}, dims, 2)
 
 
-def test_client_side_evaluation_on_local_splits(setup, tmp_path):
-    config = setup
+def test_client_side_evaluation_on_local_splits(cola_config, tmp_path):
+    config = cola_config
     ledger = Ledger(tmp_path / "l.json", "cola", config)
-    strategy = _server(config, ledger)
+    strategy = helpers.cola_strategy(config, ledger)
     contexts = {}
     for node in (1, 2):
         reply, contexts[node] = _query_reply(config, node, node - 1)
         strategy._accept_queries(1, [reply])
     requests = list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(dict(config)), grid=None))
     assert [m.metadata.dst_node_id for m in requests] == [1, 2]
-    replies = [cola_client.query(m, contexts[m.metadata.dst_node_id], config, (m.metadata.dst_node_id - 1, 2)) for m in requests]
+    replies = [helpers.cola_query(m, contexts[m.metadata.dst_node_id], config, (m.metadata.dst_node_id - 1, 2)) for m in requests]
     local_val = [len(runtime.client_split(config, pid, 2, "validation")) for pid in (0, 1)]
     assert all(r.content.array_records["batch"]["b0/labels"].shape[0] == n for r, n in zip(replies, local_val))
     metrics = strategy.aggregate_evaluate(1, replies)
@@ -217,91 +188,69 @@ def test_client_side_evaluation_on_local_splits(setup, tmp_path):
     assert len(runtime.client_split(config, 0, 2)) + local_val[0] == len(partition)  # the partition, split in two
 
 
-class _Nodes:
-    """The one Grid call ``ColA.configure_train`` makes: which nodes are connected."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return self.nodes
-
-
-def test_merged_linear_server_keeps_only_the_parameter_mean(setup):
+def test_merged_linear_server_keeps_only_the_parameter_mean(cola_config):
     """Merged linear auxiliary models: the server holds S = sum_k n_k w_k, clients send changes; after a
     rejected reply the next accepted one carries the whole change, so the server's mean always equals
-    the example-weighted mean of the adapters the clients hold, and W + dW(mean) the merged model."""
-    config = cfg.build({**setup, "cola.adapter": "linear", "cola.weighting": "examples"})
-    strategy = _server(config)
-    contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in (1, 2)}
+    the example-weighted mean of the adapters the clients hold, and W + dW(mean) the merged model.
+    A round of 4 intervals through ``ColA.start``; node 1's update of interval 1 is lost."""
+    config = cfg.build({**cola_config, "cola.adapter": "linear", "cola.weighting": "examples", "local-steps": 4})
+    strategy = helpers.cola_strategy(config)
+    grid = helpers.ColaLoopGrid([1, 2], config, lose=lambda r: strategy._step == 1 and r.metadata.message_type == "train.cola" and r.metadata.src_node_id == 1)
+    contexts = grid.contexts
     examples = {n: len(runtime.client_split(config, n - 1, 2)) for n in (1, 2)}
+    taken, delivered, queried = helpers.spy(strategy, "aggregate_train"), [0], []
 
     def held(node):
         return contexts[node].state.array_records[cola_client.ADAPTERS].to_torch_state_dict()
 
-    for step in range(4):
-        strategy._step = step
-        queries = strategy.configure_train(1, ArrayRecord(), ConfigRecord(dict(config)), _Nodes([1, 2]))
-        replies = [cola_client.query(m, contexts[m.metadata.dst_node_id], config, (m.metadata.dst_node_id - 1, 2)) for m in queries]
+    def check(call):
+        _, step = call.args
+        new, delivered[0] = grid.replies[delivered[0]:], len(grid.replies)
+        replies = [r for r in new if r.metadata.message_type == "query.cola"]
+        answers = [r for r in new if r.metadata.message_type == "train.cola"]
+        queried.append(sorted(r.metadata.src_node_id for r in replies))
         assert all(("adapter" in r.content.array_records) == (step == 0) for r in replies)
-        fits = strategy.configure_fit(strategy.hidden_pairs(strategy._accept_queries(1, replies)), ConfigRecord(dict(config)))
-        answers = [cola_client.fit(m, contexts[m.metadata.dst_node_id], config, (m.metadata.dst_node_id - 1, 2)) for m in fits]
-        if step == 1:  # node 1's update is lost: the server keeps node 1's previous parameters
-            answers = [a for a in answers if a.metadata.src_node_id != 1]
-        _, metrics = strategy.aggregate_train(1, answers)
+        _, metrics = taken[-1].result
         assert metrics["clients"] == len(answers)
-        assert strategy.adapters == {} and set(strategy.mean.n) == {1, 2}
-        mean = cola_fl.adapter_record(strategy.mean.adapters).to_torch_state_dict()
+        assert strategy.book.adapters == {} and set(strategy.book.mean.n) == {1, 2}
+        mean = cola_fl.adapter_record(strategy.book.mean.adapters).to_torch_state_dict()
         w1, w2 = held(1), held(2)
-        if step == 1:
+        if step == 1:  # node 1's update is lost: the server keeps node 1's previous parameters
             assert any(not torch.allclose(mean[k], (examples[1] * w1[k] + examples[2] * w2[k]) / sum(examples.values()), atol=1e-7) for k in mean)
         else:
             for k in mean:
                 assert torch.allclose(mean[k], (examples[1] * w1[k] + examples[2] * w2[k]) / sum(examples.values()), atol=1e-7), (step, k)
+
+    helpers.spy(strategy, "end_interval", after=check)
+    strategy.start(grid=grid, num_rounds=1, timeout=10, train_config=ConfigRecord(dict(config)))
+    assert queried == [[1, 2], [], [1], []]  # batches ride on train replies; the node whose reply was lost is queried again
     per_client = {}
     for n in (1, 2):
-        per_client[n] = cola_fl.build_adapters(config, seed=0)
+        per_client[n] = specs.build_adapters(config, seed=0)
         cola_fl.load_adapter_record(per_client[n], contexts[n].state.array_records[cola_client.ADAPTERS])
     server = strategy.server
     exact = server.merged_weights(per_client, examples)
-    for name, value in server.merged_weights(strategy.adapter_sets()).items():
+    for name, value in server.merged_weights(strategy.book.adapter_sets()).items():
         assert torch.allclose(value, exact[name], atol=1e-6), name
 
 
-class _LoopGrid(_Nodes):
-    """A Grid answered in process by the real client handlers; counts the messages by type."""
-
-    def __init__(self, nodes, config):
-        super().__init__(nodes)
-        self.config, self.sent = config, []
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in nodes}
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for m in messages:
-            node, kind = m.metadata.dst_node_id, m.metadata.message_type
-            self.sent.append(kind)
-            replies.append((cola_client.query if kind == "query.cola" else cola_client.fit)(m, self.contexts[node], self.config, (node - 1, 2)))
-        return replies
-
-
 @pytest.mark.parametrize("adapter", ["low-rank", "linear"])
-def test_next_interval_batches_ride_on_the_train_reply(setup, adapter):
+def test_next_interval_batches_ride_on_the_train_reply(cola_config, adapter):
     """One exchange per interval: the batches a train reply carries for the next interval are the ones a
     query would have fetched, so the adapters are bit-identical to querying every interval, with queries
     only in the first interval (and for a client whose reply was lost)."""
-    config = cfg.build({**setup, "cola.adapter": adapter})
+    config = cfg.build({**cola_config, "cola.adapter": adapter})
     message_config = ConfigRecord(dict(config))
 
     def run(fused: bool, lose: int | None = None):
-        strategy, grid = _server(config), _LoopGrid([1, 2], config)
+        strategy, grid = helpers.cola_strategy(config), helpers.ColaLoopGrid([1, 2], config)
         for step in range(4):
             strategy._step = step
             batches = strategy.interval_batches(1, message_config, grid, timeout=10)
             fits = strategy.configure_fit(strategy.hidden_pairs(batches), message_config, grid, step + 1 if fused and step < 3 else None)
             answers = [a for a in grid.send_and_receive(fits) if not (step == 1 and a.metadata.src_node_id == lose)]
             strategy.aggregate_train(1, answers)
-        return {n: cola_fl.adapter_record(a).to_torch_state_dict() for n, a in strategy.adapter_sets().items()}, grid.sent
+        return {n: cola_fl.adapter_record(a).to_torch_state_dict() for n, a in strategy.book.adapter_sets().items()}, grid.sent
 
     for lose in (None, 1):
         (queried, sent_queried), (fused, sent_fused) = run(False, lose), run(True, lose)
@@ -312,9 +261,9 @@ def test_next_interval_batches_ride_on_the_train_reply(setup, adapter):
             assert all(torch.equal(queried[n][k], fused[n][k]) for k in queried[n]), (lose, n)
 
 
-def test_batches_nobody_asked_for_are_refused(setup, tmp_path):
-    config = setup
-    strategy, grid = _server(config), _LoopGrid([1], config)
+def test_batches_nobody_asked_for_are_refused(cola_config, tmp_path):
+    config = cola_config
+    strategy, grid = helpers.cola_strategy(config), helpers.ColaLoopGrid([1], config)
     batches = strategy.interval_batches(1, ConfigRecord(dict(config)), grid, timeout=10)
     fit = strategy.configure_fit(strategy.hidden_pairs(batches), ConfigRecord(dict(config)))[0]
     fit.content.config_records["control"]["next-step"] = 1  # a client answering a question the server did not ask
@@ -325,13 +274,13 @@ def test_batches_nobody_asked_for_are_refused(setup, tmp_path):
     assert metrics["clients"] == 0 and "nobody asked for" in ledger._round["skipped"][0]["reason"]
 
 
-def test_a_train_message_to_a_client_without_state_is_refused(setup):
+def test_a_train_message_to_a_client_without_state_is_refused(cola_config):
     """With one exchange per interval a client may get train messages without a query in between: one
     that lost its state must fail with the reason, never train fresh adapters the server does not hold."""
-    config = setup
-    strategy, grid = _server(config), _LoopGrid([1], config)
+    config = cola_config
+    strategy, grid = helpers.cola_strategy(config), helpers.ColaLoopGrid([1], config)
     batches = strategy.interval_batches(1, ConfigRecord(dict(config)), grid, timeout=10)
     fit = strategy.configure_fit(strategy.hidden_pairs(batches), ConfigRecord(dict(config)))[0]
     lost = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="no state for them"):
-        cola_client.fit(fit, lost, config, (0, 2))
+        helpers.cola_fit(fit, lost, config, (0, 2))

@@ -16,17 +16,11 @@ from safetensors import safe_open
 from fedcola import loopback
 from fedcola.fl import ledger
 from fedcola.fl import state
-from tests.test_deploy_state import tiny_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"rounds": 1, "local-steps": 1, "batch-size": 4, "eval.max-examples": 16, "eval.client-max-examples": 8, "data.max-length": 16}
 
 pytestmark = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl and ssh-keygen")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return tiny_assets(tmp_path_factory.mktemp("deploy-assets"))
 
 
 def run_config(assets, method: str, out_dir: Path, num_clients: int, **overrides) -> str:
@@ -60,28 +54,28 @@ def _stopped(fed):
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory, assets):
+def plain(tmp_path_factory, tiny_assets):
     """3 SuperNodes over plain HTTP: two hold partitions of the run's dataset, one its own CSV file."""
     root = tmp_path_factory.mktemp("plain")
     fed = loopback.Loopback(root).start()
     try:
         for i in range(2):
             fed.add_node(f"node{i}", {"partition-id": i, "num-partitions": 2, "state-dir": str(root / f"state{i}")})
-        fed.add_node("node2", {"partition-id": 2, "data-path": str(assets["own"]), "state-dir": str(root / "state2")})
+        fed.add_node("node2", {"partition-id": 2, "data-path": str(tiny_assets["own"]), "state-dir": str(root / "state2")})
         yield fed
     finally:
         _stopped(fed)
 
 
-def test_cola_and_lte_runs_on_a_plain_deployment(plain, assets, tmp_path):
-    run_id, run_dir = run_and_check(plain, assets, "cola", tmp_path / "cola", 3)
+def test_cola_and_lte_runs_on_a_plain_deployment(plain, tiny_assets, tmp_path):
+    run_id, run_dir = run_and_check(plain, tiny_assets, "cola", tmp_path / "cola", 3)
     with safe_open(str(run_dir / "final.safetensors"), "pt") as f:
         assert len({k.split("/", 1)[0] for k in f.keys()}) == 3  # one set of auxiliary models per node
     for i in range(3):  # query, fit, evaluation query: each saved after it was handled
         saved = state.read(_latest(plain.root / f"state{i}"))
         assert dict(saved.config_records[state.NODE]) == {"messages": 3, "restores": 0, "server-round": 1, "run-id": str(run_id), "generation": 0, "first-round": 1}
         assert "cola.adapters" in saved.array_records and "cola.optimizer" in saved.array_records
-    run_and_check(plain, assets, "lte", tmp_path / "lte", 3)
+    run_and_check(plain, tiny_assets, "lte", tmp_path / "lte", 3)
 
 
 def _latest(state_dir: Path) -> Path | None:
@@ -94,13 +88,13 @@ def _messages(state_dir: Path) -> int:
     return int(state.read(path).config_records[state.NODE]["messages"]) if path else 0
 
 
-def test_killed_supernode_run_goes_on_and_restarted_node_resumes_from_its_state(plain, assets, tmp_path):
+def test_killed_supernode_run_goes_on_and_restarted_node_resumes_from_its_state(plain, tiny_assets, tmp_path):
     """SIGKILL a SuperNode (and its ClientApp process) right after its first ColA update: the server
     skips the dead node's replies (logged, ledger ``skipped``) and finishes with the others; the
     restarted SuperNode (same node config, a new node id) loads its saved state and rejoins under its
     adapter id, whose old node leaves the merged mean."""
     out = tmp_path / "kill"
-    run_id = plain.submit(ROOT, run_config(assets, "cola", out, 3, local_steps=3))
+    run_id = plain.submit(ROOT, run_config(tiny_assets, "cola", out, 3, local_steps=3))
     saved = plain.root / "state1"
     deadline = time.time() + 600
     while _messages(saved) < 2:  # query + fit of the first interval handled and saved
@@ -122,7 +116,7 @@ def test_killed_supernode_run_goes_on_and_restarted_node_resumes_from_its_state(
 
 
 @pytest.fixture(scope="module")
-def secure(tmp_path_factory, assets):
+def secure(tmp_path_factory, tiny_assets):
     """TLS (a CA and a server certificate with SANs for 127.0.0.1 / localhost) and SuperNode
     authentication: two registered ECDSA keys, and one key that was never registered."""
     root = tmp_path_factory.mktemp("secure")
@@ -138,9 +132,9 @@ def secure(tmp_path_factory, assets):
         _stopped(fed)
 
 
-def test_cola_and_lte_runs_with_tls_and_supernode_authentication(secure, assets, tmp_path):
-    run_and_check(secure.fed, assets, "cola", tmp_path / "cola", 2)
-    run_and_check(secure.fed, assets, "lte", tmp_path / "lte", 2)
+def test_cola_and_lte_runs_with_tls_and_supernode_authentication(secure, tiny_assets, tmp_path):
+    run_and_check(secure.fed, tiny_assets, "cola", tmp_path / "cola", 2)
+    run_and_check(secure.fed, tiny_assets, "lte", tmp_path / "lte", 2)
     assert {int(n["node-id"]) for n in secure.fed.nodes() if n["status"] == "online"} == secure.registered
 
 

@@ -2,81 +2,40 @@
 file) and a state dir; ``context.state`` saved there after each message lets a restarted SuperNode
 continue exactly where the old one stopped."""
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from fedcola import client_app, models, runtime
-from fedcola.cola import records as cola_fl
+from tests import helpers
+from fedcola import specs, client_app, runtime
 from fedcola.fl import state
-from fedcola import config as cfg
-from fedcola.cola.server import ColaServer
-from strategies.cola import ColA
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
-
-
-def tiny_assets(root):
-    """A tiny random BERT as a local model folder, a local CSV as the run's dataset (labels 0/1), and
-    a node's own CSV file."""
-    words = ["good", "bad", "film", "plot", "great", "dull", "fine", "awful"]
-    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words))
-    tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
-    torch.manual_seed(0)
-    bert = BertForSequenceClassification(BertConfig(vocab_size=len(words) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=2))
-    bert.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    (root / "data.csv").write_text("\n".join(["text,label"] + [f"{' '.join(rng.choice(words, 5))},{i % 2}" for i in range(80)]))
-    (root / "own.csv").write_text("\n".join(["text,label"] + [f"{' '.join(rng.choice(words, 5))},{i % 2}" for i in range(30)]))
-    return {"model": root / "model", "data": root / "data.csv", "own": root / "own.csv"}
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    assets = tiny_assets(tmp_path_factory.mktemp("deploy-state"))
-    config = cfg.build({"method": "cola", "model": str(assets["model"]), "dataset": str(assets["data"]), "num-clients": 2,
-                        "batch-size": 4, "cola.interval": 2, "data.max-length": 16, "lr": 1e-2})
-    return config, assets
+pytestmark = pytest.mark.usefixtures("one_thread", "task_identity")
+RUN_ID = 7  # the Flower run of the ServerApp and of the clients' contexts
 
 
 def _context(node_config):
-    return Context(run_id=7, node_id=3, node_config=node_config, state=RecordDict(), run_config={})
+    return Context(run_id=RUN_ID, node_id=3, node_config=node_config, state=RecordDict(), run_config={})
 
 
 def _query(config, step):
     control = ConfigRecord({"step": step, "send-adapter": True})
-    return Message(RecordDict({"config": ConfigRecord(dict(config) | {"server-round": 1}), "control": control}), dst_node_id=3, message_type="query.cola")
-
-
-def _interval(config, strategy, context, step):
-    """One ColA interval for one client through the ClientApp's handlers: query, server gradients, fit."""
-    reply = client_app.cola_query_handler(_query(config, step), context)
-    reply.metadata.__dict__["_src_node_id"] = 3
-    batches = strategy._accept_queries(1, [reply])
-    fit = strategy.configure_fit(strategy.hidden_pairs(batches), ConfigRecord(dict(config) | {"server-round": 1}))[0]
-    return fit
+    spec = {"cola.spec": specs.cola_client_spec(config).to_record()} if step == 0 else {}  # first contact, as the server sends it
+    return Message(RecordDict({"config": ConfigRecord(dict(config) | {"server-round": 1}), "control": control, **spec}), dst_node_id=3, message_type="query.cola")
 
 
 def _arrays(records: RecordDict):
     return {f"{name}/{k}": v for name, r in records.array_records.items() for k, v in r.to_torch_state_dict().items()}
 
 
-def test_restarted_node_continues_exactly_from_its_state_dir(setup, tmp_path):
-    config, _ = setup
+def test_restarted_node_continues_exactly_from_its_state_dir(cola_config, tmp_path):
+    config = cola_config
     node_config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "state")}
-    strategy = ColA(ColaServer(models.load_model(config["model"], "classification", num_labels=2), cola_fl.targets_of(config)), config, num_labels=2)
+    strategy = helpers.cola_strategy(config)
     live = _context(node_config)
-    client_app.cola_train_handler(_interval(config, strategy, live, 0), live)
-    fit = _interval(config, strategy, live, 1)
+    grid = helpers.ColaLoopGrid([3], config, contexts={3: live}, client_app=True)  # node 3 through the ClientApp's handlers
+    helpers.cola_interval(strategy, grid, config, rnd=1, step=0)  # query, server gradients, fit, reply taken
+    (fit,) = helpers.cola_interval(strategy, grid, config, rnd=1, step=1, send=False).fits  # queried; its fit not sent yet
     path = state.client_dir(tmp_path / "state", "run-7", 0) / "round-1.safetensors"  # no run-key in the config: the Flower run's id
     saved = state.read(path)
     assert _arrays(saved).keys() == _arrays(live.state).keys()
@@ -108,8 +67,8 @@ def test_damaged_state_file_is_a_clear_error(tmp_path):
         state.restore(_context({}), tmp_path)
 
 
-def test_node_data_path_maps_labels_onto_the_runs_classes(setup, tmp_path):
-    config, _ = setup
+def test_node_data_path_maps_labels_onto_the_runs_classes(cola_config, tmp_path):
+    config = cola_config
     own = tmp_path / "mine.csv"
     own.write_text("text,label\n" + "\n".join(f"good film {i},{i % 2}" for i in range(30)))
     node = runtime.node_options(_context({"partition-id": 5, "data-path": str(own)}))
@@ -138,11 +97,11 @@ def test_node_config_errors_are_one_line():
         runtime.node_options(_context({"partition-id": 0, "data-path": "/nonexistent/x.csv"}))
 
 
-def test_restarted_node_takes_over_its_adapter_id_from_the_departed_node(setup):
+def test_restarted_node_takes_over_its_adapter_id_from_the_departed_node(cola_config):
     """A restarted SuperNode has a new node id: it takes over its adapter id (partition) only once the
     old node is gone, and the old node's adapters leave the merged mean (no client counted twice)."""
-    config, _ = setup
-    strategy = ColA(ColaServer(models.load_model(config["model"], "classification", num_labels=2), cola_fl.targets_of(config)), config, num_labels=2)
+    config = cola_config
+    strategy = helpers.cola_strategy(config)
 
     def reply(node):
         msg = client_app.cola_query_handler(_query(config, 0), _context({"partition-id": 0, "num-partitions": 2}))
@@ -154,4 +113,4 @@ def test_restarted_node_takes_over_its_adapter_id_from_the_departed_node(setup):
     assert strategy._accept_queries(1, [reply(9)]) == {}  # node 1 is still connected
     strategy._connected = {9}
     assert list(strategy._accept_queries(1, [reply(9)])) == [9]
-    assert list(strategy.adapters) == [9] and strategy.owner == {9: 0}
+    assert list(strategy.book.adapters) == [9] and strategy.book.owner == {9: 0}

@@ -5,24 +5,11 @@ import signal
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
-from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.fedavg_lora import FedAvgLoRA
+from tests import helpers
 
-
-@pytest.fixture(autouse=True)
-def _identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-
-class _Nodes:
-    """The one Grid call Flower's sampling makes: which nodes are connected."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return self.nodes
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _timeout(*_):
@@ -41,14 +28,14 @@ def _sampled(strategy, server_round, grid):
 
 def test_a_node_that_never_returns_does_not_stall_later_rounds():
     strategy = FedAvgLoRA(fraction_train=1.0, min_available_nodes=3)
-    assert _sampled(strategy, 1, _Nodes([1, 2, 3])) == [1, 2, 3]
-    assert _sampled(strategy, 2, _Nodes([1, 2])) == [1, 2]  # node 3 is gone: the round goes on with the others
+    assert _sampled(strategy, 1, helpers.Nodes([1, 2, 3])) == [1, 2, 3]
+    assert _sampled(strategy, 2, helpers.Nodes([1, 2])) == [1, 2]  # node 3 is gone: the round goes on with the others
 
 
 def test_a_resumed_run_waits_for_the_federation_again():
     strategy = FedAvgLoRA(fraction_train=1.0, min_available_nodes=3, round_offset=4)
     assert strategy.min_available_nodes == 3
-    assert _sampled(strategy, 1, _Nodes([1, 2, 3])) == [1, 2, 3]
+    assert _sampled(strategy, 1, helpers.Nodes([1, 2, 3])) == [1, 2, 3]
     assert strategy.min_available_nodes == 3  # the resumed run's first round required all three
-    _sampled(strategy, 2, _Nodes([1, 2]))
+    _sampled(strategy, 2, helpers.Nodes([1, 2]))
     assert strategy.min_available_nodes == 1

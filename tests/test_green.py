@@ -53,6 +53,11 @@ def tiny(request):
 
 # ---------------------------------------------------------------- profiler vs FlopCounterMode
 
+def _assert_profile_bounds(profile: float, counted: float, label: str = "", upper: float = 1.025) -> None:
+    """One-sided: counted <= profile <= upper * counted (the profile may only overestimate)."""
+    assert counted <= profile <= upper * counted, (label, profile, counted, profile / counted if counted else None)
+
+
 def _selections(names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Full, output-side prefixes, and random selections whose deepest tensor is not a q/k projection."""
     n = len(names)
@@ -71,14 +76,14 @@ def _selections(names: tuple[str, ...]) -> dict[str, np.ndarray]:
 def test_forward_flops_match_flop_counter(tiny):
     model, batch, prof = tiny
     fwd, _ = measure_step_flops(model, batch, set(prof.names))
-    assert prof.forward_flops == pytest.approx(fwd, rel=0.05)
+    _assert_profile_bounds(prof.forward_flops, fwd, "forward")
 
 
 def test_backward_flops_match_flop_counter(tiny):
     model, batch, prof = tiny
     for label, m in _selections(prof.names).items():
         _, bwd = measure_step_flops(model, batch, set(prof.selected_names(m)))
-        assert prof.backward_flops(m) == pytest.approx(bwd, rel=0.05), label
+        _assert_profile_bounds(prof.backward_flops(m), bwd, label)
 
 
 def test_order_is_output_to_input_and_head_only_backward_is_exact():
@@ -103,7 +108,7 @@ def test_every_prefix_of_linear_only_llama_matches():
             continue
         m = (np.arange(len(prof.names)) <= k).astype(int)
         _, bwd = measure_step_flops(model, batch, set(prof.selected_names(m)))
-        assert prof.backward_flops(m) == pytest.approx(bwd, rel=0.02), name
+        _assert_profile_bounds(prof.backward_flops(m), bwd, name, upper=1.02)
 
 
 def test_tied_embedding_pulls_dy_through_whole_model():
@@ -112,7 +117,7 @@ def test_tied_embedding_pulls_dy_through_whole_model():
     assert prof.names[-1] == "transformer.wte.weight"  # first use is the input embedding
     only_wte = (np.arange(len(prof.names)) == len(prof.names) - 1).astype(int)
     _, bwd = measure_step_flops(model, batch, {"transformer.wte.weight"})
-    assert prof.backward_flops(only_wte) == pytest.approx(bwd, rel=0.05)
+    _assert_profile_bounds(prof.backward_flops(only_wte), bwd, "only wte")
     assert prof.backward_flops(only_wte) > 0.5 * prof.full_backward_flops
 
 
@@ -127,7 +132,7 @@ def test_qk_deepest_selection_is_bounded_overestimate():
         m = (np.arange(len(prof.names)) <= above).astype(int)
         m[prof.names.index(f"bert.encoder.layer.0.attention.self.{name}.weight")] = 1
         _, bwd = measure_step_flops(model, batch, set(prof.selected_names(m)))
-        assert bwd + extra * attn_matmul <= prof.backward_flops(m) <= bwd * 1.03 + extra * attn_matmul, name
+        assert bwd + extra * attn_matmul <= prof.backward_flops(m) <= bwd * 1.025 + extra * attn_matmul, name
 
 
 # ---------------------------------------------------------------- dynamic program

@@ -8,15 +8,15 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from flwr.supercore.task_identity import TaskIdentity
 
-from fedcola import config as cfg
+from tests import helpers
+from fedcola import client_app, specs, config as cfg
 from fedcola import runtime
 from fedcola.fedavg_lora import client as fedavg_lora
 from fedcola.fl.ledger import Ledger
 from strategies.fedavg_lora import FedAvgLoRA, per_tensor_fedavg
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "task_identity")
 
 CONFIG = cfg.build({"model": "minilm", "dataset": "rotten_tomatoes", "local-steps": 8, "batch-size": 4,
                     "data.max-length": 16, "lora.targets": "query,value", "lr": 1e-3})
@@ -24,12 +24,12 @@ CONFIG = cfg.build({"model": "minilm", "dataset": "rotten_tomatoes", "local-step
 
 @pytest.fixture(scope="module")
 def global_state() -> dict[str, torch.Tensor]:
-    return fedavg_lora.trainable_state(fedavg_lora.cached_model(CONFIG))
+    return fedavg_lora.trainable_state(specs.fedavg_cached_model(CONFIG))
 
 
 def test_weak_client_counts_fewer_flops_and_keeps_frozen_tensors(global_state):
-    _, full, _, none = fedavg_lora.client_train(CONFIG, global_state, 0, 4, 1)
-    weak_state, weak, examples, selection = fedavg_lora.client_train(CONFIG, global_state, 0, 4, 1, rho=0.7)
+    _, full, _, none = specs.fedavg_client_train(CONFIG, global_state, 0, 4, 1)
+    weak_state, weak, examples, selection = specs.fedavg_client_train(CONFIG, global_state, 0, 4, 1, rho=0.7)
 
     names = selection.names
     assert none is None and 0 < len(names) < len(global_state) and selection.achieved_rho <= 0.7
@@ -42,13 +42,8 @@ def test_weak_client_counts_fewer_flops_and_keeps_frozen_tensors(global_state):
     for name, before in global_state.items():
         assert torch.equal(weak_state[name], before) == (name not in names), name
     # the cached model is left with every candidate trainable for the next round
-    model = fedavg_lora.cached_model(CONFIG)
+    model = specs.fedavg_cached_model(CONFIG)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(global_state)
-
-
-@pytest.fixture(autouse=True)
-def _identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
 def _reply(node: int, arrays: dict, examples: int, trained: list[str] | None) -> Message:
@@ -110,8 +105,8 @@ def test_node_green_rho_outside_unit_interval(rho):
 
 def test_budget_too_small_for_any_lora_tensor(global_state):
     with pytest.raises(ValueError, match="smallest feasible rho is"):
-        fedavg_lora.client_train(CONFIG, global_state, 0, 4, 1, rho=0.05)
-    model = fedavg_lora.cached_model(CONFIG)
+        specs.fedavg_client_train(CONFIG, global_state, 0, 4, 1, rho=0.05)
+    model = specs.fedavg_cached_model(CONFIG)
     assert np.all([p.requires_grad for n, p in model.named_parameters() if n in global_state])
 
 
@@ -151,18 +146,17 @@ def test_lte_client_under_budget_trains_only_its_selected_heads_and_the_merge_av
     the ledger; the server's W moves by the mean over the clients that sent each weight, and both
     clients' W stay bit-identical to the server's."""
     from fedcola.lte import client as lte_client
-    from fedcola.lte.heads import dense
-    from strategies.lte import LTE
+    from fedcola.lte.merge import dense
 
-    weights, frozen = lte_client.initial_arrays(LTE_CONFIG)
+    weights, frozen = helpers.lte_initial(LTE_CONFIG)
     ledger = Ledger(tmp_path / "ledger.json", "lte", LTE_CONFIG)
-    strategy = LTE(r=4, frozen_arrays=frozen, ledger=ledger)
+    strategy = helpers.lte_strategy(LTE_CONFIG, ledger)
     strategy._init_weights(weights)
     contexts = {10: _context({"partition-id": 0, "num-partitions": 2}),
                 11: _context({"partition-id": 1, "num-partitions": 2, "green-rho": 0.7})}
     for rnd in (1, 2):
         W_old = {k: v.clone() for k, v in strategy.W.items()}
-        replies = {node: lte_client.lte_train(strategy._message(node, ConfigRecord(LTE_CONFIG), rnd), ctx, LTE_CONFIG)
+        replies = {node: client_app.lte_train(strategy._message(node, ConfigRecord(LTE_CONFIG), rnd), ctx, LTE_CONFIG)
                    for node, ctx in contexts.items()}
         deltas = {node: lte_client.record_delta(r.content.array_records["arrays"]) for node, r in replies.items()}
         assert deltas[10].keys() == W_old.keys() and 0 < len(deltas[11]) < len(W_old)
@@ -179,7 +173,7 @@ def test_lte_client_under_budget_trains_only_its_selected_heads_and_the_merge_av
         flops = {c["node_id"]: c["flops"] for c in ledger.rounds[-1]["clients"]}
         assert flops[11] < flops[10]
         assert replies[11].content.metric_records["metrics"]["green-rho"] == 0.7
-    model = lte_client.build_model(LTE_CONFIG, head_seed=0)
+    model = specs.lte_model(LTE_CONFIG, head_seed=0)
     for node in contexts:
         lte_client.sync_model(strategy._payload(node), contexts[node], model, seed=0)
         assert all(torch.equal(model.get_submodule(k.rpartition(".")[0]).W, w) for k, w in strategy.W.items())

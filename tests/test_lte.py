@@ -11,25 +11,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedcola.lte.heads import (
-    InvalidDeltaError,
-    LTELinear,
-    StaleDeltaError,
-    apply_merged_update,
-    attach_heads,
-    base_weights,
-    delta_nbytes,
-    dense,
-    head_delta,
-    head_parameters,
-    head_subspace_overlap,
-    merge,
-    merge_async,
-    reset_heads,
-    set_base_weights,
-    staleness_weight,
-    use_factors,
-)
+from fedcola.lte.heads import LTELinear, apply_merged_update, attach_heads, base_weights, head_delta, head_parameters, head_subspace_overlap, reset_heads, set_base_weights
+from fedcola.lte.merge import InvalidDeltaError, StaleDeltaError, delta_nbytes, dense, merge, merge_async, staleness_weight, use_factors
 
 R, ALPHA, VOCAB = 4, 8.0, 64
 

@@ -15,7 +15,6 @@ from fedcola import loopback
 from fedcola.fl import ledger
 from tests.test_deploy import ROOT, _stopped, run_config
 from tests.test_deploy import pytestmark as deploy_mark
-from tests.test_deploy_state import tiny_assets
 
 pytestmark = [deploy_mark, pytest.mark.slow]  # ~60 s until the SuperLink declares a killed node offline (2 missed heartbeats)
 
@@ -38,10 +37,9 @@ def _rounds(path: Path) -> list[dict]:
         return []
 
 
-def test_sync_lte_goes_on_with_the_nodes_that_answer_when_one_never_returns(fed, tmp_path):
-    assets = tiny_assets(tmp_path)
+def test_sync_lte_goes_on_with_the_nodes_that_answer_when_one_never_returns(fed, tiny_assets, tmp_path):
     out = tmp_path / "lte"
-    run_id = fed.submit(ROOT, run_config(assets, "lte", out, 3, rounds=6, local_steps=2, **{"lte.node-wait-s": 2.0, "round-timeout": 60.0}))
+    run_id = fed.submit(ROOT, run_config(tiny_assets, "lte", out, 3, rounds=6, local_steps=2, **{"lte.node-wait-s": 2.0, "round-timeout": 60.0}))
     deadline = time.time() + 600
     while not (files := list(out.rglob("ledger.json"))) or len(_rounds(files[0])) < 2:  # round 0 (evaluation) and round 1 done
         assert time.time() < deadline and not fed.status(run_id).startswith(loopback.FINISHED), fed.log("superlink")[-3000:]

@@ -11,18 +11,19 @@ from flwr.clientapp import ClientApp
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
-from flwr.supercore.task_identity import TaskIdentity
 
 from safetensors.torch import load_file
 
-from fedcola import runtime, server_app, train
+from tests import helpers
+from fedcola import client_app, specs, runtime, server_app, train
 from fedcola.lte import client as lte_client
 from fedcola.config import DEFAULTS
 from fedcola.fl.ledger import Ledger
-from fedcola.lte.heads import LTELinear, apply_merged_update, dense, head_delta, head_parameters, reset_heads, use_factors
+from fedcola.lte.heads import LTELinear, apply_merged_update, head_delta, head_parameters, reset_heads
+from fedcola.lte.merge import dense, use_factors
 from fedcola.lte.client import record_delta
 from fedcola.fl.wire import nbytes
-from strategies.lte import LTE, LTEAsync, make_strategy
+from strategies.lte import LTE
 
 R = 4
 CONFIG = dict(DEFAULTS) | {
@@ -34,13 +35,7 @@ FAST = CONFIG | {"local-steps": 3}  # in-process runs: a few steps show every pr
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_identity():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "task_identity")
 
 
 def _context(pid: int, n: int = 2) -> Context:
@@ -56,7 +51,7 @@ def _factor_bytes(W: dict[str, torch.Tensor], rank: int) -> int:
 
 
 def test_client_state_round_trips_through_context_state():
-    model = lte_client.build_model(CONFIG, head_seed=1)
+    model = specs.lte_model(CONFIG, head_seed=1)
     optimizer = train.make_optimizer("adamw", head_parameters(model), 1e-2, 0.0)
     batch = {"input_ids": torch.randint(2, 60, (2, 12)), "labels": torch.randint(2, 60, (2, 12))}
     for _ in range(2):
@@ -65,7 +60,7 @@ def test_client_state_round_trips_through_context_state():
     state = RecordDict()
     lte_client.save_state(state, model, optimizer, version=7, rounds=2)
     state = recorddict_from_proto(recorddict_to_proto(state))  # what a SuperNode persists
-    again = lte_client.build_model(CONFIG, head_seed=99)
+    again = specs.lte_model(CONFIG, head_seed=99)
     opt2 = train.make_optimizer("adamw", head_parameters(again), 1e-2, 0.0)
     assert lte_client.restore_model(state, again) == (7, 2)
     train.load_optimizer_record(opt2, state[lte_client.STATE_OPTIMIZER])
@@ -78,18 +73,18 @@ def test_client_state_round_trips_through_context_state():
 
 def test_client_w_tracks_server_w_exactly_and_bad_delta_is_skipped(tmp_path):
     """Full sync, then merged updates as factors: the client's W stays bit-identical to the master."""
-    weights, frozen = lte_client.initial_arrays(CONFIG)
+    weights, frozen = helpers.lte_initial(CONFIG)
     ledger = Ledger(tmp_path / "ledger.json", "lte", CONFIG)
-    strategy = LTE(r=R, frozen_arrays=frozen, ledger=ledger)
+    strategy = helpers.lte_strategy(CONFIG, ledger)
     strategy._init_weights(weights)
     contexts = {10: _context(0), 11: _context(1)}
     for rnd in (1, 2):
-        replies = [lte_client.lte_train(strategy._message(node, ConfigRecord(CONFIG), rnd), ctx, CONFIG) for node, ctx in contexts.items()]
+        replies = [client_app.lte_train(strategy._message(node, ConfigRecord(CONFIG), rnd), ctx, CONFIG) for node, ctx in contexts.items()]
         _poison(replies[1])
         strategy.aggregate_train(rnd, replies)
         ledger.end_round(rnd)
         assert [s["node_id"] for s in ledger.rounds[-1]["skipped"]] == [11] and "non-finite" in ledger.rounds[-1]["skipped"][0]["reason"]
-    model = lte_client.build_model(CONFIG, head_seed=0)
+    model = specs.lte_model(CONFIG, head_seed=0)
     lte_client.sync_model(strategy._payload(10), contexts[10], model, seed=0)
     assert all(torch.equal(model.get_submodule(k.rpartition(".")[0]).W, w) for k, w in strategy.W.items())
 
@@ -110,7 +105,7 @@ def _client_app(nan_partition: int | None = None, slow_partition: int | None = N
         pid = int(context.node_config["partition-id"])
         if pid == slow_partition:
             context.node_config["slowdown"] = 2.5
-        reply = lte_client.lte_train(msg, context, dict(msg.content.config_records["config"]))
+        reply = client_app.lte_train(msg, context, dict(msg.content.config_records["config"]))
         if pid == nan_partition:
             _poison(reply)
         return reply
@@ -125,10 +120,10 @@ def _server_app(config: dict, rounds: int, ledgers: list[Ledger], out: dict) -> 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         torch.set_num_threads(1)
-        evaluator = lte_client.make_evaluator(config)
+        evaluator = specs.lte_evaluator(config)
         weights = None
         for ledger, phase in zip(ledgers, ({"lte.async": False}, {"lte.async": True})):
-            strategy, initial = make_strategy(config | phase, ledger)
+            strategy, initial = specs.lte_strategy(config | phase, ledger)
 
             def evaluate_fn(server_round: int, arrays: ArrayRecord, ledger: Ledger = ledger) -> MetricRecord:
                 metrics = evaluator(arrays)
@@ -183,13 +178,13 @@ def test_lte_simulation_sync_then_async(tmp_path):
 def _run(config: dict, rounds: int, n: int = 2, strategy: LTE | None = None) -> tuple[LTE, dict[int, Context], list[list[Message]]]:
     """``rounds`` synchronous rounds of ``n`` clients; returns the strategy, the clients' contexts and
     every round's replies."""
-    weights, frozen = lte_client.initial_arrays(config)
-    strategy = strategy or LTE(r=config["lte.r"], frozen_arrays=frozen)
+    weights, frozen = helpers.lte_initial(config)
+    strategy = strategy or helpers.lte_strategy(config)
     strategy._init_weights(weights)
     contexts = {10 + p: _context(p, n) for p in range(n)}
     history = []
     for rnd in range(1, rounds + 1):
-        replies = [lte_client.lte_train(strategy._message(node, ConfigRecord(config), rnd), ctx, config) for node, ctx in contexts.items()]
+        replies = [client_app.lte_train(strategy._message(node, ConfigRecord(config), rnd), ctx, config) for node, ctx in contexts.items()]
         strategy.aggregate_train(rnd, replies)
         history.append(replies)
     return strategy, contexts, history
@@ -202,9 +197,9 @@ def _flat(record: ArrayRecord) -> dict[str, torch.Tensor]:
 def test_run_is_reproducible_from_its_seed_and_the_cached_model_carries_nothing_over():
     """Same seed, same W bit for bit: once with a freshly built client model, once with the process's
     cached model left dirty by the first run (every client state is loaded into it per message)."""
-    lte_client._cached_model.cache_clear()
+    specs._lte_cached_model.cache_clear()
     first, _, replies_a = _run(FAST, rounds=2)
-    assert lte_client.cached_model(FAST) is lte_client.cached_model(FAST | {"server-round": 7})
+    assert specs.lte_cached_model(FAST) is specs.lte_cached_model(FAST | {"server-round": 7})
     again, _, replies_b = _run(FAST, rounds=2)
     other, _, _ = _run(FAST | {"seed": 1}, rounds=2)
     assert first.W.keys() == again.W.keys() == other.W.keys()
@@ -214,7 +209,7 @@ def test_run_is_reproducible_from_its_seed_and_the_cached_model_carries_nothing_
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any(torch.equal(first.W[k], other.W[k]) for k in first.W)
     # first contact re-draws the heads of the cached model exactly as building it with the client's seed
-    cached, fresh = lte_client.cached_model(FAST), lte_client.build_model(FAST, head_seed=5)
+    cached, fresh = specs.lte_cached_model(FAST), specs.lte_model(FAST, head_seed=5)
     reset_heads(cached, 5)
     heads = lambda m: {n: t for n, t in m.state_dict().items() if n.endswith((".A", ".B", "A_snap", "B_snap"))}
     assert heads(cached).keys() == heads(fresh).keys() and all(torch.equal(heads(cached)[n], t) for n, t in heads(fresh).items())
@@ -249,12 +244,12 @@ def _tamper(reply: Message, key: str, U: torch.Tensor, V: torch.Tensor) -> None:
 
 
 def test_bad_rank_shape_and_staleness_are_dropped_with_a_logged_reason(tmp_path, caplog):
-    weights, frozen = lte_client.initial_arrays(FAST)
+    weights, frozen = helpers.lte_initial(FAST)
     ledger = Ledger(tmp_path / "ledger.json", "lte", FAST)
-    strategy, contexts, history = _run(FAST, 1, n=3, strategy=LTE(r=R, frozen_arrays=frozen, ledger=ledger))
+    strategy, contexts, history = _run(FAST, 1, n=3, strategy=helpers.lte_strategy(CONFIG, ledger))
     key = "model.layers.0.mlp.down_proj.W"
     d_out, d_in = strategy.W[key].shape
-    replies = [lte_client.lte_train(strategy._message(node, ConfigRecord(FAST), 2), ctx, FAST) for node, ctx in contexts.items()]
+    replies = [client_app.lte_train(strategy._message(node, ConfigRecord(FAST), 2), ctx, FAST) for node, ctx in contexts.items()]
     _tamper(replies[1], key, torch.zeros(d_out, 2 * R + 1), torch.zeros(2 * R + 1, d_in))  # rank above 2r
     _tamper(replies[2], key, torch.zeros(d_out + 1, 2 * R), torch.zeros(2 * R, d_in))  # wrong shape
     W_before = {k: v.clone() for k, v in strategy.W.items()}
@@ -269,21 +264,21 @@ def test_bad_rank_shape_and_staleness_are_dropped_with_a_logged_reason(tmp_path,
 
     # asynchronous: node 11 trains against version 2; nodes 10 and 12 merge twice before it arrives
     async_ledger = Ledger(tmp_path / "async.json", "lte", FAST)
-    late = LTEAsync(r=R, frozen_arrays=frozen, max_staleness=1, mix=1 / 3, ledger=async_ledger)
+    late = helpers.lte_strategy(FAST, async_ledger, asynchronous=True, max_staleness=1, mix=1 / 3)
     late._init_weights(ArrayRecord(strategy.W))
     late.sent = {node: (0, 0) for node in contexts}
     late.version, late.history = 2, {}
     messages = {node: late._message(node, ConfigRecord(FAST), 1) for node in contexts}
-    straggler = lte_client.lte_train(messages[11], contexts[11], FAST)
+    straggler = client_app.lte_train(messages[11], contexts[11], FAST)
     for node in (10, 12):
-        assert late._merge_reply(1, lte_client.lte_train(messages[node], contexts[node], FAST), 1 / 3)
+        assert late._merge_reply(1, client_app.lte_train(messages[node], contexts[node], FAST), 1 / 3)
     W_before = {k: v.clone() for k, v in late.W.items()}
     assert not late._merge_reply(1, straggler, 1 / 3)
     assert all(torch.equal(late.W[k], W_before[k]) for k in late.W) and late.version == 4
     reason = async_ledger._round["skipped"][-1]["reason"]
     assert async_ledger._round["skipped"][-1]["node_id"] == 11 and "staleness 2 > max_staleness 1" in reason
     # the run goes on: the straggler is re-dispatched with the updates it lacks and its next delta merges
-    retry = lte_client.lte_train(late._message(11, ConfigRecord(FAST), 1), contexts[11], FAST)
+    retry = client_app.lte_train(late._message(11, ConfigRecord(FAST), 1), contexts[11], FAST)
     assert late._merge_reply(1, retry, 1 / 3) and late.merge_log[-1]["partition_id"] == 1 and late.merge_log[-1]["staleness"] == 0
 
 
@@ -291,10 +286,10 @@ def test_fedavg_full_rank_is_the_mean_of_fully_trained_clients_and_one_client_is
     """``lte.full-rank``: every parameter is trained and travels dense; W = mean of the clients' weights.
     One client, one round: exactly ``server_app.run_centralized`` (same init, data, batches, optimizer)."""
     config = FAST | {"lte.full-rank": True}
-    W0 = {k: v.clone() for k, v in lte_client.initial_arrays(config)[0].to_torch_state_dict().items()}
+    W0 = {k: v.clone() for k, v in helpers.lte_initial(config)[0].to_torch_state_dict().items()}
     strategy, contexts, history = _run(config, rounds=1)
-    assert set(strategy.W) == {name for name, _ in lte_client.build_model(config, 0).named_parameters()}
-    assert not any(isinstance(m, LTELinear) for m in lte_client.build_model(config, 0).modules())
+    assert set(strategy.W) == {name for name, _ in specs.lte_model(config, 0).named_parameters()}
+    assert not any(isinstance(m, LTELinear) for m in specs.lte_model(config, 0).modules())
     clients = [{k: v for k, v in ctx.state[lte_client.STATE_MODEL].to_torch_state_dict().items() if k in strategy.W} for ctx in contexts.values()]
     for key, w in strategy.W.items():
         assert not torch.equal(w, W0[key]), key  # embeddings and norms train too
@@ -315,10 +310,10 @@ def test_fedavg_full_rank_is_the_mean_of_fully_trained_clients_and_one_client_is
 def test_slowdown_from_node_config_or_run_config():
     node = lambda pid, s=1.0: runtime.NodeOptions(pid, 4, s)
     config = FAST | {"lte.slowdown": "3:4, 1:2.5"}
-    assert [lte_client.slowdown(config, node(p)) for p in range(4)] == [1.0, 2.5, 1.0, 4.0]
-    assert lte_client.slowdown(config, node(0, 3.0)) == 3.0  # the node's own config wins
+    assert [specs.lte_slowdown(config, node(p)) for p in range(4)] == [1.0, 2.5, 1.0, 4.0]
+    assert specs.lte_slowdown(config, node(0, 3.0)) == 3.0  # the node's own config wins
     for bad in ("3", "x:2", "1:0.5", "1:nan", "1:2,2:0", "1:2,x:3", "1:2,2:nan"):
         with pytest.raises(ValueError, match="lte.slowdown"):
-            lte_client.slowdown(FAST | {"lte.slowdown": bad}, node(0))
+            specs.lte_slowdown(FAST | {"lte.slowdown": bad}, node(0))
         with pytest.raises(ValueError, match="lte.slowdown"):
-            make_strategy(FAST | {"lte.slowdown": bad})  # the server refuses it before any client runs
+            specs.lte_strategy(FAST | {"lte.slowdown": bad})  # the server refuses it before any client runs

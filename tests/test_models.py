@@ -1,8 +1,8 @@
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from fedcola import models
+from tests import helpers
 
 
 def test_minilm_loads_offline_and_classifies():
@@ -15,9 +15,7 @@ def test_minilm_loads_offline_and_classifies():
 
 
 def test_local_folder_loads(tmp_path):
-    cfg = BertConfig(vocab_size=99, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2)
-    torch.manual_seed(0)
-    BertForSequenceClassification(cfg).save_pretrained(tmp_path)
+    helpers.write_tiny_bert(tmp_path, vocab_size=99, num_hidden_layers=1)
     model = models.load_model(str(tmp_path), "classification", num_labels=2)
     assert model.config.hidden_size == 16
 

@@ -12,19 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-from fedcola import client_app, models
+from tests import helpers
+from fedcola import client_app
 from fedcola.fl import checkpoint
-from fedcola.cola import records as cola_fl
 from fedcola.fl import ledger
 from fedcola.fl import state
-from fedcola import config as cfg
 from fedcola.cli import main as cli_main
-from fedcola.cola.server import ColaServer
-from strategies.cola import ColA
-from tests.test_deploy_state import tiny_assets
 from tests.test_simulation import _leftovers, _tagged_processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,10 +86,8 @@ def test_killed_fedavg_lora_run_resumes_to_the_uninterrupted_weights(tmp_path):
 
 
 def _by_partition(run_dir: Path) -> dict:
-    """A ColA run's final auxiliary models keyed by adapter id (partition) instead of node id."""
-    last = ledger.load(run_dir / "ledger.json")["rounds"][-1]["clients"]
-    partition = {str(c["node_id"]): c["partition_id"] for c in last}
-    return {f"{partition[k.split('/', 1)[0]]}/{k.split('/', 1)[1]}": v for k, v in load_file(str(run_dir / "final.safetensors")).items()}
+    """A ColA run's final auxiliary models, keyed by adapter id (partition) in ``final.safetensors``."""
+    return load_file(str(run_dir / "final.safetensors"))
 
 
 def test_killed_cola_run_resumes_to_the_uninterrupted_weights(tmp_path):
@@ -144,17 +137,12 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
 # --- client snapshots and the server's ColA state, in process (tiny BERT, local CSV) -----------------
 
 
-@pytest.fixture
-def _identity():
-    """Flower stamps messages with the task identity of the process (set by its runtime)."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
+RUN_ID = 7  # task_identity: the killed run's ServerApp
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    assets = tiny_assets(tmp_path_factory.mktemp("resume-tiny"))
-    return cfg.build({"method": "cola", "model": str(assets["model"]), "dataset": str(assets["data"]), "num-clients": 2,
-                      "batch-size": 4, "data.max-length": 16, "lr": 1e-2, "run-key": "key"})
+def tiny(tiny_assets):
+    return helpers.tiny_cola_config(tiny_assets, {"cola.interval": 1, "local-steps": 1, "run-key": "key"})  # a round: one interval
 
 
 def _context(run_id, partition=0, state_dir=None):
@@ -162,43 +150,33 @@ def _context(run_id, partition=0, state_dir=None):
     return Context(run_id=run_id, node_id=3, node_config=node_config, state=RecordDict(), run_config={})
 
 
-def _from(msg: Message, node: int) -> Message:
-    msg.metadata.__dict__["_src_node_id"] = node
-    return msg
+def _grid(config, contexts):
+    """The nodes (node id -> context) answering through the ClientApp's handlers (state dirs, snapshots)."""
+    return helpers.ColaLoopGrid(sorted(contexts), config, contexts=contexts, client_app=True)
 
 
-def _interval(strategy, contexts, rnd, step, config, drop=()):
-    """One ColA interval of round ``rnd`` through the ClientApp's handlers (node id -> context) and the
-    strategy's own steps; the fit replies of ``drop`` are lost. Returns the messages the clients got."""
-    record = ConfigRecord(dict(config) | {"server-round": rnd})
-    strategy._connected = set(contexts)
-    queries = [Message(RecordDict({"config": record, "control": strategy._control(n, step=step, **{"send-adapter": n not in strategy.known})}),
-                       dst_node_id=n, message_type="query.cola") for n in contexts]
-    batches = strategy._accept_queries(rnd, [_from(client_app.cola_query_handler(q, contexts[q.metadata.dst_node_id]), q.metadata.dst_node_id) for q in queries])
-    fits = strategy.configure_fit(strategy.hidden_pairs(batches), record)
-    replies = [_from(client_app.cola_train_handler(m, contexts[m.metadata.dst_node_id]), m.metadata.dst_node_id) for m in fits]
-    strategy.aggregate_train(rnd, [r for r in replies if r.metadata.src_node_id not in drop])
-    return queries, fits
+def _interval(strategy, grid, rnd, config):
+    """Round ``rnd``'s interval (a round is one interval), as ``ColA.start`` runs it, every interval
+    queried; returns the query and train messages the clients got."""
+    interval = helpers.cola_interval(strategy, grid, config, rnd, 0)
+    return interval.queries, interval.fits
 
 
 def _adapter(reply: Message) -> dict:
     return reply.content.array_records["adapter"].to_torch_state_dict()
 
 
-def _strategy(config):
-    return ColA(ColaServer(models.load_model(config["model"], "classification", num_labels=2), cola_fl.targets_of(config)), config, num_labels=2)
-
-
-@pytest.mark.usefixtures("_identity", "one_thread")
+@pytest.mark.usefixtures("task_identity", "one_thread")
 def test_resumed_client_rolls_back_to_its_snapshot_of_the_checkpointed_round(tiny, tmp_path):
     """A client that handled round 2 of the killed run (run 7) restores, in the run resumed after round 1
     (run 8), its round-1 snapshot and redoes round 2 exactly; a missing snapshot or another run's state
     is a clear error, never a silent fresh start."""
     config = tiny
-    strategy = _strategy(config)
+    strategy = helpers.cola_strategy(config)
     killed = _context(7, state_dir=tmp_path)
-    q1, f1 = _interval(strategy, {3: killed}, 1, 0, config)
-    q2, f2 = _interval(strategy, {3: killed}, 2, 1, config)  # the server dies after this, before round 2 ends
+    grid = _grid(config, {3: killed})
+    q1, f1 = _interval(strategy, grid, 1, config)
+    q2, f2 = _interval(strategy, grid, 2, config)  # the server dies after this, before round 2 ends
     folder = state.client_dir(tmp_path, "key", 0)
     assert sorted(state.snapshots(folder)) == [1, 2]
 
@@ -226,7 +204,7 @@ def test_resumed_client_rolls_back_to_its_snapshot_of_the_checkpointed_round(tin
         client_app.cola_query_handler(_resent(q2, "1,1"), _context(10, state_dir=tmp_path))
     with pytest.raises(ValueError, match="no state for them"):  # the server holds its adapters: no fresh start
         client_app.cola_query_handler(q2, _context(11))
-    second = _strategy(config)
+    second = helpers.cola_strategy(config)
     second.load_state(1, *strategy.state_dict())  # a resumed server, before any node claimed adapter id 0
     lost = Message(RecordDict({"config": q2.content.config_records["config"], "control": second._control(5, step=1, **{"send-adapter": True})}),
                    dst_node_id=5, message_type="query.cola")
@@ -241,29 +219,32 @@ def _resent(msg: Message, resumed_after: str) -> Message:
     return Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
 
 
-@pytest.mark.usefixtures("_identity", "one_thread")
+@pytest.mark.usefixtures("task_identity", "one_thread")
 def test_merged_linear_server_state_resumes_under_new_node_ids(tiny, tmp_path):
     """The parameter mean (float64 S, n_k), the synced flags (here one lost reply) and the adapter ids
     pass through a checkpoint to a strategy whose nodes have new ids: the next interval is the same."""
     config = tiny | {"cola.adapter": "linear", "cola.weighting": "examples"}
-    first = _strategy(config)
+    first = helpers.cola_strategy(config)
     live = {3: _context(7, 0), 4: _context(7, 1)}
-    _interval(first, live, 1, 0, config, drop={4})
-    assert first.synced == {3: True, 4: False}
+    grid = _grid(config, live)
+    grid.lose = lambda reply: reply.metadata.message_type == "train.cola" and reply.metadata.src_node_id == 4
+    _interval(first, grid, 1, config)
+    grid.lose = None
+    assert first.book.synced == {3: True, 4: False}
     checkpoint.save(tmp_path, 1, *first.state_dict())
     saved = checkpoint.load(tmp_path)
-    second = _strategy(config)
+    second = helpers.cola_strategy(config)
     second.load_state(saved.round, saved.tensors, saved.state)
     moved = {13: _context(8, 0), 14: _context(8, 1)}
     for old, new in zip(live.values(), moved.values()):
         state.write(old.state, tmp_path / "c.safetensors")
         for name, record in state.read(tmp_path / "c.safetensors").items():
             new.state[name] = record
-    _interval(first, live, 2, 1, config)
-    _interval(second, moved, 2, 1, config)
-    assert second.owner == {13: 0, 14: 1} and second.synced == {13: True, 14: True} and second.round_offset == 1
-    assert list(second.mean.n.values()) == list(first.mean.n.values())
-    assert all(torch.equal(first.mean.sum[k], second.mean.sum[k]) for k in first.mean.sum)
+    _interval(first, grid, 2, config)
+    _interval(second, _grid(config, moved), 2, config)
+    assert second.book.owner == {13: 0, 14: 1} and second.book.synced == {13: True, 14: True} and second.round_offset == 1
+    assert list(second.book.mean.n.values()) == list(first.book.mean.n.values())
+    assert all(torch.equal(first.book.mean.sum[k], second.book.mean.sum[k]) for k in first.book.mean.sum)
 
 
 def test_rollback_drops_the_rounds_each_killed_run_never_checkpointed(tmp_path):

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcola.fl.ledger import Ledger
 from fedcola.fl.wire import nbytes
@@ -11,10 +10,7 @@ from fedcola.fl.screening import screen
 
 METRICS = {"num-examples": 10, "train-loss": 0.5, "flops": 100, "peak-memory-bytes": 1, "wall-time-s": 0.1, "partition-id": 0}
 
-
-@pytest.fixture(autouse=True)
-def _identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _reply(node, arrays=None, metrics=METRICS, error=None):

@@ -1,119 +1,165 @@
 """ColA on the client (DESIGN.md, "ColA round", steps 2 and 5): private data, auxiliary models and
 their optimizer, updated by gradient learning from the server's (x_m, G_m).
 
-Everything a client owns lives in ``context.state`` (adapters and optimizer state as ArrayRecords),
-so it persists across rounds on a SuperNode and in simulation, where one Ray actor serves many
-virtual nodes in turn.
+Use it in your own ClientApp, fed by your own data::
+
+    def make_client(context):
+        pid = context.node_config["partition-id"]
+        return ColaClient(adapter_id=pid, train=my_batches(pid), validation=my_val_batches(pid))
+
+    app = ClientApp()
+    register(app, make_client)        # answers query.cola and train.cola
+
+``train`` is an iterable of batches (dicts of tensors: ``input_ids``, ``attention_mask``,
+``labels``), read in order and cycled (interval ``step`` takes items ``step * I .. step * I + I - 1``),
+or a callable ``(step, count) -> count batches``. Everything else (adapted layers and shapes, the
+auxiliary models, optimizer, interval, wire dtype, seed) arrives in the server's ``spec`` record on
+first contact and is kept in ``context.state``, with the auxiliary models and optimizer state, so it
+persists across rounds on a SuperNode and in simulation.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedcola import runtime, train
-from fedcola.cola import records as cola_fl
+from fedcola import train as training
 from fedcola.cola import gl
+from fedcola.cola import records
+from fedcola.cola.spec import ClientSpec
 from fedcola.fl import wire
+from fedcola.fl.batches import Batch, TrainData, interval_batches, num_examples
 
-ADAPTERS, OPTIMIZER, ACKED = "cola.adapters", "cola.optimizer", "cola.acked"
-
-
-def make_client(config: dict, partition_id: int) -> gl.GLClient:
-    adapters = cola_fl.build_adapters(config, seed=config["seed"] * 7919 + partition_id)
-    factory = lambda ps: train.make_optimizer(config["optimizer"], ps, config["lr"], config["weight-decay"])  # noqa: E731
-    return gl.GLClient(adapters, optimizer=factory, interval=config["cola.interval"])
+SPEC, ADAPTERS, OPTIMIZER, ACKED = "cola.spec", "cola.adapters", "cola.optimizer", "cola.acked"
 
 
-def load_client(context: Context, config: dict, partition_id: int) -> gl.GLClient:
-    """This client's auxiliary models and optimizer, from ``context.state`` (fresh on first contact)."""
-    client = make_client(config, partition_id)
-    if ADAPTERS in context.state.array_records:
-        cola_fl.load_adapter_record(client.adapters, context.state.array_records[ADAPTERS])
-        train.load_optimizer_record(client.optimizer, context.state.array_records[OPTIMIZER])
-    return client
-
-
-def save_client(context: Context, client: gl.GLClient) -> None:
-    context.state[ADAPTERS] = cola_fl.adapter_record(client.adapters)
-    context.state[OPTIMIZER] = train.optimizer_record(client.optimizer)
-
-
-def sync(context: Context, config: dict, control) -> None:
-    """``cola_fl.sends_changes``: remember the parameters the server holds (``ACKED``: the initial ones
-    until the server confirms a reply with ``synced``), the base of the change the next reply sends."""
-    if cola_fl.sends_changes(config) and (control.get("synced", False) or ACKED not in context.state.array_records):
-        context.state[ACKED] = context.state.array_records[ADAPTERS]
-
-
-def draw(config: dict, partition: tuple[int, int], step: int) -> tuple[ArrayRecord, int]:
-    """The I training batches of interval ``step`` (seeded by the step: the same batches whichever
-    message asks for them) and the size of the client's training split."""
-    pid, n = partition
-    part = runtime.client_split(config, pid, n)
-    loader = iter(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, step, pid)))
-    return cola_fl.batch_record([next(loader) for _ in range(config["cola.interval"])]), len(part)
-
-
-def stateless(pid: int) -> ValueError:
+def stateless(adapter_id: int) -> ValueError:
     """Never train from a state the server does not hold: a client without state whose auxiliary models
     the server holds (lost state-dir, restarted without it) fails with this reason."""
-    return ValueError(f"the server holds the auxiliary models of adapter id {pid}, but this client has no state for them (lost state-dir?)")
+    return ValueError(f"the server holds the auxiliary models of adapter id {adapter_id}, but this client has no state for them (lost state-dir?)")
 
 
-def query(msg: Message, context: Context, config: dict, partition: tuple[int, int]) -> Message:
-    """Step 2: send I batches of this client's data (and its adapters when the server asks)."""
-    pid, n = partition
-    control = msg.content.config_records["control"]
-    if ADAPTERS not in context.state.array_records:
-        if not control["send-adapter"] or pid in control.get("held", []):
-            raise stateless(pid)
-        save_client(context, make_client(config, pid))
-    sync(context, config, control)
-    if control.get("split", "train") == "validation":  # client-side evaluation: (a prefix of) the local held-out split
-        part = runtime.client_split(config, pid, n, "validation")
-        part = part.select(range(min(len(part), config["eval.client-max-examples"])))
-        batch, size = cola_fl.batch_record(list(runtime.loader(config, part, shuffle=False, seed=0))), len(part)
-    else:
-        batch, size = draw(config, partition, int(control["step"]))
-    content = RecordDict({"batch": batch, "metrics": MetricRecord({"num-examples": size, "partition-id": pid})})
-    if control["send-adapter"]:
-        content["adapter"] = context.state.array_records[ADAPTERS]
-    return Message(content, reply_to=msg)
+class ColaClient:
+    """One ColA client: ``adapter_id`` (its partition id: the server binds it to the node at first
+    contact), its training batches and, for client-side evaluation, its validation batches."""
+
+    def __init__(self, adapter_id: int, train: TrainData, *, validation: Iterable[Batch] | None = None, examples: int | None = None) -> None:
+        self.adapter_id = int(adapter_id)
+        self.data = train if callable(train) or isinstance(train, Sequence) else list(train)
+        self.validation = validation
+        self.num_examples = num_examples(self.data, examples)  # the server's `examples` weighting
+
+    # --- state in context.state ------------------------------------------------------------------
+    @staticmethod
+    def spec(context: Context) -> ClientSpec:
+        return ClientSpec.from_record(context.state.config_records[SPEC])
+
+    def learner(self, context: Context, spec: ClientSpec) -> gl.GLClient:
+        """This client's auxiliary models and optimizer, from ``context.state`` (fresh on first contact)."""
+        client = gl.GLClient(spec.adapters(self.adapter_id), optimizer=spec.optimizer.build, interval=spec.interval)
+        if ADAPTERS in context.state.array_records:
+            records.load_adapter_record(client.adapters, context.state.array_records[ADAPTERS])
+            training.load_optimizer_record(client.optimizer, context.state.array_records[OPTIMIZER])
+        return client
+
+    @staticmethod
+    def save(context: Context, client: gl.GLClient) -> None:
+        context.state[ADAPTERS] = records.adapter_record(client.adapters)
+        context.state[OPTIMIZER] = training.optimizer_record(client.optimizer)
+
+    @staticmethod
+    def sync(context: Context, spec: ClientSpec, control: ConfigRecord) -> None:
+        """``spec.sends_changes``: remember the parameters the server holds (``ACKED``: the initial ones
+        until the server confirms a reply with ``synced``), the base of the change the next reply sends."""
+        if spec.sends_changes and (control.get("synced", False) or ACKED not in context.state.array_records):
+            context.state[ACKED] = context.state.array_records[ADAPTERS]
+
+    def _batches(self, step: int, count: int) -> tuple[ArrayRecord, int]:
+        return records.batch_record(interval_batches(self.data, step, count)), self.num_examples
+
+    def _validation(self, max_examples: int) -> tuple[ArrayRecord, int]:
+        """A prefix of the validation batches holding at most ``max_examples`` examples."""
+        kept, seen = [], 0
+        for batch in self.validation or []:
+            take = min(len(batch["labels"]), max_examples - seen)
+            if take <= 0:
+                break
+            kept.append({k: v[:take] for k, v in batch.items()})
+            seen += take
+        if not kept:
+            raise ValueError("the server asked for validation batches, but this client has none")
+        return records.batch_record(kept), seen
+
+    # --- handlers ---------------------------------------------------------------------------------
+    def query(self, msg: Message, context: Context) -> Message:
+        """Step 2: send I batches of this client's data (and its auxiliary models when the server asks)."""
+        control = msg.content.config_records["control"]
+        if SPEC in msg.content.config_records:
+            context.state[SPEC] = msg.content.config_records[SPEC]
+        if ADAPTERS not in context.state.array_records:
+            if not control["send-adapter"] or self.adapter_id in control.get("held", []):
+                raise stateless(self.adapter_id)
+            if SPEC not in context.state.config_records:
+                raise ValueError(f"first contact without the server's '{SPEC}' record: this client cannot build its auxiliary models")
+            spec = self.spec(context)
+            self.save(context, self.learner(context, spec))
+        spec = self.spec(context)
+        self.sync(context, spec, control)
+        if control.get("split", "train") == "validation":  # client-side evaluation: (a prefix of) the local held-out split
+            batch, size = self._validation(int(control["max-examples"]))
+        else:
+            batch, size = self._batches(int(control["step"]), spec.interval)
+        content = RecordDict({"batch": batch, "metrics": MetricRecord({"num-examples": size, "partition-id": self.adapter_id})})
+        if control["send-adapter"]:
+            content["adapter"] = context.state.array_records[ADAPTERS]
+        return Message(content, reply_to=msg)
+
+    def train(self, msg: Message, context: Context) -> Message:
+        """Step 5: one gradient-learning update per adaptation interval from the server's (x, G), on the
+        layers the message carries (Green-ColA: ``control["layers"]``); the reply's ``importance``
+        record names each trained layer's I_m = -sum(g_m * dw_m) of this update and, when
+        ``control["next-step"]`` asks, carries the batches of that next interval."""
+        control = msg.content.config_records["control"]
+        if ADAPTERS not in context.state.array_records:
+            raise stateless(self.adapter_id)  # a train message goes only to clients whose auxiliary models the server holds
+        spec = self.spec(context)
+        self.sync(context, spec, control)
+        client = self.learner(context, spec)
+        tensors = wire.unpack(msg.content.array_records["pairs"], spec.wire_dtype)
+        dims = spec.selected(control.get("layers"))  # Green-ColA: only the selected layers travel and train
+        pairs = records.pairs_from_payload(tensors, dims, spec.interval)
+        t0 = time.perf_counter()
+        with FlopCounterMode(display=False) as counter:
+            for batch_pairs in pairs:
+                client.step(batch_pairs)
+        self.save(context, client)
+        metrics = MetricRecord({
+            "rows": sum(next(iter(p.values()))[0].shape[0] for p in pairs), "flops": int(counter.get_total_flops()),
+            "peak-memory-bytes": training.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0, "partition-id": self.adapter_id,
+        })
+        adapter = context.state.array_records[ADAPTERS]
+        if spec.sends_changes:  # w - w_acked, see `ParameterMean`
+            acked = context.state.array_records[ACKED].to_torch_state_dict()
+            adapter = ArrayRecord({k: v - acked[k] for k, v in adapter.to_torch_state_dict().items()})
+        content = RecordDict({"adapter": adapter, "importance": ConfigRecord({layer: client.importance.get(layer, 0.0) for layer in dims})})
+        if "next-step" in control:
+            content["batch"], metrics["num-examples"] = self._batches(int(control["next-step"]), spec.interval)
+        content["metrics"] = metrics
+        return Message(content, reply_to=msg)
 
 
-def fit(msg: Message, context: Context, config: dict, partition: tuple[int, int]) -> Message:
-    """Step 5: one gradient-learning update per adaptation interval from the server's (x, G), on the
-    layers the message carries (Green-ColA: ``control["layers"]``); the reply reports each trained
-    layer's importance I_m = -sum(g_m * dw_m) of this update and, when ``control["next-step"]`` asks,
-    carries the batches of that next interval (step 2 of the next interval without its own message)."""
-    pid, _ = partition
-    control = msg.content.config_records["control"]
-    if ADAPTERS not in context.state.array_records:
-        raise stateless(pid)  # a train message goes only to clients whose auxiliary models the server holds
-    sync(context, config, control)
-    client = load_client(context, config, pid)
-    tensors = wire.unpack(msg.content.array_records["pairs"], config["cola.wire-dtype"])
-    dims = cola_fl.selected_dims(config, control.get("layers"))  # Green-ColA: only the selected layers travel and train
-    pairs = cola_fl.pairs_from_payload(tensors, dims, config["cola.interval"])
-    t0 = time.perf_counter()
-    with FlopCounterMode(display=False) as counter:
-        for batch_pairs in pairs:
-            client.step(batch_pairs)
-    save_client(context, client)
-    metrics = MetricRecord({
-        "rows": sum(next(iter(p.values()))[0].shape[0] for p in pairs), "flops": int(counter.get_total_flops()),
-        "peak-memory-bytes": train.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0, "partition-id": pid,
-        "importance": [client.importance.get(layer, 0.0) for layer in dims],  # I_m = -sum(g_m * dw_m) of this step (`gl.GLClient`)
-    })
-    adapter = context.state.array_records[ADAPTERS]
-    if cola_fl.sends_changes(config):  # w - w_acked, see `cola.ParameterMean`
-        acked = context.state.array_records[ACKED].to_torch_state_dict()
-        adapter = ArrayRecord({k: v - acked[k] for k, v in adapter.to_torch_state_dict().items()})
-    content = RecordDict({"adapter": adapter})
-    if "next-step" in control:
-        content["batch"], metrics["num-examples"] = draw(config, partition, int(control["next-step"]))
-    content["metrics"] = metrics
-    return Message(content, reply_to=msg)
+def register(app: ClientApp, make_client: Callable[[Context], ColaClient]) -> None:
+    """Register ColA's handlers (``query.cola``, ``train.cola``) on ``app``; ``make_client(context)``
+    builds the node's client (its adapter id and data) for each message."""
+
+    @app.query("cola")
+    def cola_query(msg: Message, context: Context) -> Message:
+        return make_client(context).query(msg, context)
+
+    @app.train("cola")
+    def cola_train(msg: Message, context: Context) -> Message:
+        return make_client(context).train(msg, context)

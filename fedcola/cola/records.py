@@ -11,65 +11,18 @@ Record layouts (DESIGN.md, "ColA round"):
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from fedcola.cola import adapters as ad
-from fedcola.config import names
-from fedcola import models, runtime
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 
-def targets_of(config: dict) -> list[str]:
-    return names(config, "cola.targets")
-
-
-@functools.lru_cache(maxsize=4)
-def _layer_dims(model: str, task: str, num_labels: int | None, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    found = ad.find_targets(models.skeleton(model, task, num_labels), list(targets))
-    return {name: ad.layer_dims(m) for name, m in found.items()}
-
-
-def layer_dims(config: dict) -> dict[str, tuple[int, int]]:
-    """{adapted layer: (d_in, d_out)}, read from the model's architecture only."""
-    return _layer_dims(config["model"], config["task"], runtime.num_labels(config), tuple(targets_of(config)))
-
-
-def selected_dims(config: dict, layers: list[str] | None) -> dict[str, tuple[int, int]]:
-    """``layer_dims`` restricted to ``layers`` (Green-ColA's selection; None = every adapted layer)."""
-    dims = layer_dims(config)
-    if layers is None:
-        return dims
-    unknown = sorted(set(layers) - set(dims))
-    if unknown:
-        raise ValueError(f"selected layers are not adapted layers of this model: {unknown[:3]}")
-    return {layer: d for layer, d in dims.items() if layer in layers}
-
-
-def build_adapters(config: dict, seed: int) -> dict[str, ad.Adapter]:
-    """The auxiliary models of one client (``cola.adapter`` kind, ``lora.r`` / ``lora.alpha``)."""
-    kind = config["cola.adapter"]
-    opts = {"low-rank": {"r": config["lora.r"], "alpha": float(config["lora.alpha"])}, "mlp": {"hidden": config["cola.mlp-hidden"]}}.get(kind, {})
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return {layer: ad.make_adapter(kind, d_in, d_out, **opts) for layer, (d_in, d_out) in layer_dims(config).items()}
-    finally:
-        torch.random.set_rng_state(generator_state)
-
-
-def sends_changes(config: dict) -> bool:
-    """Merged linear auxiliary models: the server keeps only their parameter mean (`cola.ParameterMean`),
-    so a client's train reply carries the change of its parameters since the version the server holds."""
-    return config["cola.mode"] == "merged" and config["cola.adapter"] == "linear"
-
-
 def adapter_record(adapters: dict[str, ad.Adapter]) -> ArrayRecord:
-    return ArrayRecord({f"{layer}/{name}": p.detach().float().contiguous() for layer, a in adapters.items() for name, p in a.state_dict().items()})
+    return ArrayRecord({f"{layer}/{name}": p.detach().float().cpu().contiguous() for layer, a in adapters.items() for name, p in a.state_dict().items()})
 
 
 def load_adapter_record(adapters: dict[str, ad.Adapter], record: ArrayRecord) -> None:
@@ -81,18 +34,6 @@ def load_adapter_record(adapters: dict[str, ad.Adapter], record: ArrayRecord) ->
 def save_adapters(path: Path, by_node: dict[int, dict[str, ad.Adapter]]) -> None:
     """Every client's auxiliary models in one safetensors file, keys ``"<node>/<layer>/<param>"``."""
     save_file({f"{node}/{k}": v.contiguous() for node, ads in by_node.items() for k, v in adapter_record(ads).to_torch_state_dict().items()}, str(path))
-
-
-def load_adapters(path: Path, config: dict) -> dict[int | str, dict[str, ad.Adapter]]:
-    """Inverse of ``save_adapters`` (node ids back as ints; ``"mean"`` stays a string)."""
-    weights = load_file(str(path))
-    out = {}
-    for key in sorted({k.split("/", 1)[0] for k in weights}):
-        adapters = build_adapters(config, seed=0)
-        prefix = f"{key}/"
-        load_adapter_record(adapters, ArrayRecord({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}))
-        out[int(key) if key.isdigit() else key] = adapters
-    return out
 
 
 def batch_record(batches: list[dict[str, torch.Tensor]]) -> ArrayRecord:

@@ -84,19 +84,21 @@ def concat_batches(batches: Mapping[Hashable, Mapping[str, Tensor]], pad_token_i
 
 
 class ColaServer:
-    """Frozen base model (master weights in `dtype`, fp32 by default) with ColA attached at the
-    layers matching `target_modules`."""
+    """Frozen base model with ColA attached at the layers matching `target_modules`; the model stays on
+    its device and in its dtype (`dtype` casts it, e.g. float64 for exact tests). Client batches are moved
+    to the model's device; the pairs come back on it."""
 
     def __init__(
         self,
         model: nn.Module,
         target_modules: str | Sequence[str],
         mode: Mode = "merged",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown ColA mode {mode!r}; known modes: {list(MODES)}")
-        self.model = model.to(dtype).requires_grad_(False)  # in place: the caller's model is frozen
+        self.model = (model if dtype is None else model.to(dtype)).requires_grad_(False)  # in place: the caller's model is frozen
+        self.device = next(self.model.parameters()).device
         self.targets = find_targets(self.model, target_modules)
         self.mode = mode
         self.pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
@@ -146,7 +148,7 @@ class ColaServer:
             if missing:
                 raise ValueError(f"client {cid!r} has no adapter for layers {missing}")
         sizes = [len(batches[c]["labels"]) for c in cids]
-        batch = concat_batches(batches, self.pad_token_id)
+        batch = {k: v.to(self.device) for k, v in concat_batches(batches, self.pad_token_id).items()}
         labels = batch.pop("labels")
         owners = [c for c, n in zip(cids, sizes) for _ in range(n)]
         if self.mode == "merged":
@@ -190,7 +192,7 @@ class ColaServer:
 
         @torch.no_grad()
         def predict(batch: Mapping[str, Tensor]) -> Tensor:
-            return run({k: v for k, v in batch.items() if k != "labels"})
+            return run({k: v.to(self.device) for k, v in batch.items() if k != "labels"})
 
         return predict
 
@@ -236,7 +238,7 @@ class ParameterMean:
     def move(self, cid: Hashable, change: Mapping[str, Tensor]) -> None:
         """S += n_k (w_k' - w_k): client `cid`'s parameters changed by `change`."""
         for key, value in change.items():
-            self.sum[key].add_(value.double(), alpha=self.n[cid])
+            self.sum[key].add_(value.to(self.sum[key]), alpha=self.n[cid])
         self._refresh()
 
     def restore(self, sums: Mapping[str, Tensor], n: Mapping[Hashable, float]) -> None:

@@ -1,89 +1,101 @@
-"""FedAvg over peft LoRA adapters: the baseline every other method is compared with.
+"""FedAvg over peft LoRA adapters, client side: the baseline every other method is compared with.
 
-Every client wraps the same frozen base model with peft LoRA (``lora.r``, ``lora.alpha`` on the
-``lora.targets`` modules; a classifier head is trained in full), trains ``local-steps`` steps on
-its partition, and returns its trainable tensors; the server averages them weighted by examples
-(McMahan et al. 2017), which is Flower's FedAvg.
+Every client holds the same base model wrapped with peft LoRA (a classifier head trained in full),
+trains ``local-steps`` steps on its data from the global trainable tensors it receives, and returns
+them; the server averages them weighted by examples (McMahan et al. 2017), which is Flower's FedAvg.
 
-A client with a FLOPs budget rho_k < 1 (node config ``green-rho``) trains only the tensors that
-GreenTrainer selects for it (`fedcola.green.select.select_under_budget`, re-selected every round on its
-first local batch) and reports which ones it trained; the server averages each tensor over the
-clients that trained it (`strategies.FedAvgLoRA`).
+Use it in your own ClientApp with your own peft model and data::
+
+    def make_client(context):
+        pid = context.node_config["partition-id"]
+        return FedAvgLoRAClient(get_peft_model(my_model(), my_lora_config), my_batches(pid), client_id=pid)
+
+    app = ClientApp()
+    register(app, make_client)        # answers train
+
+The round's settings (``local-steps``, ``optimizer``, ``lr``, ``weight-decay``, ``seed``,
+``server-round``) come in the message's ``config`` record (``strategies.FedAvgLoRA`` fills them).
+A client with a FLOPs budget rho_k < 1 (``green_rho``) trains only the tensors that GreenTrainer
+selects for it (``fedcola.green.select.train_under_budget``, re-selected every round on its first
+local batch) and reports which ones it trained; the server averages each tensor over the clients
+that trained it (``strategies.FedAvgLoRA``).
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
-from peft import LoraConfig, get_peft_model
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedcola import runtime, train
-from fedcola.config import names
-from fedcola.green.select import train_under_budget
-
-
-def lora_config(config: dict) -> LoraConfig:
-    task_type = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(config["task"])
-    return LoraConfig(
-        r=config["lora.r"], lora_alpha=config["lora.alpha"], lora_dropout=0.0,
-        target_modules=names(config, "lora.targets"), task_type=task_type,
-    )
-
-
-def build_model(config: dict) -> nn.Module:
-    """The peft-wrapped model with seeded LoRA and head initialisation."""
-    base = runtime.base_model(config)
-    try:
-        return get_peft_model(base, lora_config(config))
-    except ValueError as err:
-        raise ValueError(f"lora.targets '{config['lora.targets']}' do not fit model '{config['model']}': {err}") from None
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_model(frozen_items: tuple) -> nn.Module:
-    return build_model(dict(frozen_items))
-
+from fedcola import train as training
+from fedcola.green.select import BudgetSelection, train_under_budget
+from fedcola.fl.batches import TrainData, num_examples, round_batches
 
 TRAINED = "trained"  # reply ConfigRecord: {"names": the tensors this client trained this round}
-
-MODEL_KEYS = ("model", "task", "dataset", "seed", "data.block-chars", "data.text-column", "data.label-column", "lora.r", "lora.alpha", "lora.targets")
-
-
-def cached_model(config: dict) -> nn.Module:
-    """One model per process and architecture: every round overwrites all its trainable tensors."""
-    return _cached_model(tuple((k, config[k]) for k in MODEL_KEYS))
+SETTINGS = ("local-steps", "optimizer", "lr", "weight-decay", "seed")  # what the server's config record must carry
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_trainable(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
 
 
-def client_train(config: dict, state: dict[str, torch.Tensor], partition_id: int, num_partitions: int, server_round: int,
-                 rho: float = 1.0):
-    """One round of local LoRA training from the global state at FLOPs ratio `rho`.
-
-    Returns (new state of every trainable tensor, train.StepStats, examples, the
-    `green.BudgetSelection` or None at rho = 1). At rho < 1 the stats' FLOPs and wall time include
-    the selection's own (one profiling forward, one forward + backward for importance: about 1.3
-    steps' worth, paid once per round), and the tensors not selected come back exactly as received.
-    rho is relative to training every LoRA tensor, whose backward already runs through the whole
-    model, so with LoRA the smallest feasible rho is about 0.5 (the forward's share)."""
-    model = cached_model(config)
+def local_round(model: nn.Module, state: Mapping[str, torch.Tensor], batches: Iterator, steps: int, optimizer: training.OptimizerSpec,
+                seed: int, rho: float = 1.0) -> tuple[dict[str, torch.Tensor], training.StepStats, BudgetSelection | None]:
+    """One round of local LoRA training from the global ``state`` at FLOPs ratio ``rho``; torch is seeded
+    with ``seed`` (dropout), so a round's result depends on (seed, round, client) only and a resumed run
+    repeats it. Returns the new state of every trainable tensor, the step stats and the GreenTrainer
+    selection (None at rho = 1): at rho < 1 the stats include the selection's own cost and the tensors
+    not selected come back exactly as received."""
     load_trainable(model, state)
-    part = runtime.client_split(config, partition_id, num_partitions)
-    seed = runtime.round_seed(config, server_round, partition_id)
-    torch.manual_seed(seed)  # dropout: a round's result depends on (seed, round, client) only, so a resumed run repeats it
-    batches = train.cycle(runtime.loader(config, part, shuffle=True, seed=seed))
+    torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = train.make_optimizer(config["optimizer"], params, config["lr"], config["weight-decay"])
-    stats, selection = train_under_budget(model, batches, config["local-steps"], optimizer, rho)
-    return trainable_state(model), stats, len(part), selection
+    stats, selection = train_under_budget(model, batches, steps, optimizer.build(params), rho)
+    return trainable_state(model), stats, selection
+
+
+class FedAvgLoRAClient:
+    """One FedAvg-LoRA client: a peft ``model`` (any module whose trainable parameters are what the
+    server averages), its training batches (cycled iterable, or ``(round, count) -> batches``), its
+    ``client_id`` (partition id) and FLOPs budget ``green_rho``."""
+
+    def __init__(self, model: nn.Module, train: TrainData, client_id: int, *, examples: int | None = None, green_rho: float = 1.0) -> None:
+        self.model, self.data, self.client_id, self.green_rho = model, train, int(client_id), green_rho
+        self.num_examples = num_examples(train, examples)
+
+    def train(self, msg: Message, context: Context) -> Message:
+        config = msg.content.config_records["config"]
+        missing = [k for k in (*SETTINGS, "server-round") if k not in config]
+        if missing:
+            raise ValueError(f"the server's config record lacks {', '.join(missing)}")
+        server_round, steps = int(config["server-round"]), int(config["local-steps"])
+        optimizer = training.OptimizerSpec(str(config["optimizer"]), float(config["lr"]), float(config["weight-decay"]))
+        seed = training.round_seed(int(config["seed"]), server_round, self.client_id)
+        batches = round_batches(self.data, server_round, steps)
+        state, stats, selection = local_round(self.model, msg.content.array_records["arrays"].to_torch_state_dict(), batches, steps,
+                                              optimizer, seed, self.green_rho)
+        metrics = MetricRecord({
+            "num-examples": self.num_examples, "train-loss": float(stats.loss), "flops": int(stats.flops),
+            "peak-memory-bytes": training.peak_memory_bytes(), "wall-time-s": float(stats.wall_time_s),
+            "partition-id": self.client_id, "green-rho": self.green_rho,
+        })
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics,
+                              TRAINED: ConfigRecord({"names": list(state if selection is None else selection.names)})})
+        return Message(content, reply_to=msg)
+
+
+def register(app: ClientApp, make_client: Callable[[Context], FedAvgLoRAClient]) -> None:
+    """Register FedAvg-LoRA's handler (``train``) on ``app``; ``make_client(context)`` builds the node's client."""
+
+    @app.train()
+    def fedavg_train(msg: Message, context: Context) -> Message:
+        return make_client(context).train(msg, context)

@@ -66,6 +66,9 @@ class Ledger:
         return self.data["rounds"]
 
     def begin_round(self, server_round: int) -> None:
+        """Open ``server_round``; an open round of another number is closed first (``end_round``)."""
+        if self._round is not None and self._round["round"] != server_round:
+            self.end_round(self._round["round"])
         self._round = {"round": server_round, "wall_time_s": 0.0, "server": {}, "clients": [], "skipped": []}
         self._t0 = time.perf_counter()
 
@@ -91,6 +94,9 @@ class Ledger:
         self.save()
 
     def finish(self, status: str, **summary: Any) -> None:
+        """End the run with ``status``; an open round is closed first (a failed round keeps its skip reasons)."""
+        if self._round is not None:
+            self.end_round(self._round["round"])
         self.data["status"] = status
         self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.data["summary"].update(summary)

@@ -7,6 +7,7 @@ expected arrays (names, shapes, dtypes) with finite values, and the metrics the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from logging import WARNING
 
@@ -43,14 +44,18 @@ def skip(server_round: int, node: int, problem: str, ledger: Ledger | None) -> N
         ledger.skipped(server_round, node, problem)
 
 
-def screen(server_round: int, replies: Iterable[Message], expected: ArrayRecord | None, ledger: Ledger | None, bytes_down: int) -> list[Message]:
-    """Keep the usable replies; log and record the others; record every kept client in the ledger."""
+def screen(server_round: int, replies: Iterable[Message], expected: ArrayRecord | None, ledger: Ledger | None, bytes_down: int,
+           skips: Skips | None = None) -> list[Message]:
+    """Keep the usable replies; log and record the others (in ``skips`` when given); record every kept client in the ledger."""
     kept = []
     for msg in replies:
         node = msg.metadata.src_node_id
         problem = reply_problem(msg, expected)
         if problem is not None:
-            skip(server_round, node, problem, ledger)
+            if skips is not None:
+                skips.skip(server_round, node, problem)
+            else:
+                skip(server_round, node, problem, ledger)
             continue
         kept.append(msg)
         if ledger is not None:
@@ -62,3 +67,61 @@ def screen(server_round: int, replies: Iterable[Message], expected: ArrayRecord 
                 "peak_memory_bytes": int(m["peak-memory-bytes"]), "wall_time_s": float(m["wall-time-s"]),
             })
     return kept
+
+
+class NoReplyAccepted(RuntimeError):
+    """A round in which no client reply was accepted: the run fails with the round's skip reasons."""
+
+
+class Skips:
+    """Skipped replies of a round (logged, ledger ``skipped``) and the rule that a round in which no
+    reply was accepted fails the run, unless ``allow_empty_rounds`` (then a loud warning and the
+    ledger's round status ``no-reply-accepted``)."""
+
+    def __init__(self, ledger: Ledger | None, allow_empty_rounds: bool = False) -> None:
+        self.ledger, self.allow_empty_rounds = ledger, allow_empty_rounds
+        self.reasons: list[str] = []
+        self.kept = 0
+
+    def begin_round(self, server_round: int) -> None:
+        self.reasons, self.kept = [], 0
+
+    def skip(self, server_round: int, node: int, problem: str) -> None:
+        skip(server_round, node, problem, self.ledger)
+        self.reasons.append(f"node {node}: {problem}")
+
+    def accepted(self, count: int) -> None:
+        self.kept += count
+
+    def end_round(self, server_round: int) -> None:
+        """Fail (or, if allowed, warn loudly) when no reply of the round was accepted."""
+        if self.kept:
+            return
+        reasons = "; ".join(dict.fromkeys(self.reasons)) or "no client replied"
+        if not self.allow_empty_rounds:
+            raise NoReplyAccepted(f"round {server_round}: no client reply was accepted ({reasons})")
+        log(WARNING, "!!! round %d: NO CLIENT REPLY WAS ACCEPTED; the model did not change (%s)", server_round, reasons)
+        if self.ledger is not None:
+            self.ledger.server(server_round, status="no-reply-accepted")
+
+
+class Screened:
+    """Mixin of fedcola's strategies: the ledger lives in the strategy's ``Skips`` (``self.skips``)."""
+
+    skips: Skips
+
+    @property
+    def ledger(self) -> Ledger | None:
+        return self.skips.ledger
+
+    @ledger.setter
+    def ledger(self, ledger: Ledger | None) -> None:
+        self.skips.ledger = ledger
+
+
+def wait_for_nodes(grid, count: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """Wait (up to ``timeout`` s) until ``count`` nodes are connected, as Flower's samplers do; the connected nodes."""
+    deadline = time.time() + timeout
+    while len(nodes := list(grid.get_node_ids())) < count and time.time() < deadline:
+        time.sleep(poll)
+    return nodes

@@ -49,7 +49,7 @@ def pack(tensors: dict[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:
     cast = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[wire_dtype]
     out = {}
     for name, t in tensors.items():
-        t = t.detach().to(cast).contiguous()
+        t = t.detach().to(device="cpu", dtype=cast).contiguous()  # the wire is host memory
         out[name] = t.view(torch.int16) if cast is torch.bfloat16 else t
     return ArrayRecord(out)
 

@@ -28,10 +28,14 @@ importance of every layer; the selection made from those reports holds until the
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
+import torch
+from flwr.common.logger import log
 from torch import nn
 
 from fedcola.green.flops import FlopsProfile, apply_selection, profile_tensors
@@ -84,6 +88,8 @@ class LayerSelector:
         self.profile, self.rho, self.every = profile, rho, every
         self.mask: np.ndarray | None = None
         self.importance: np.ndarray | None = None
+        self.reports: dict[Hashable, dict[str, float]] = {}  # client -> {layer: importance} of this interval
+        self.probe_count = 0  # probe intervals this round
 
     def probes(self, server_round: int, step: int) -> bool:
         """The first interval of rounds 1, 1 + E, 1 + 2E, ... runs every layer and collects importance."""
@@ -109,3 +115,55 @@ class LayerSelector:
     def backward_fraction(self) -> float:
         """T_bp(selection) / T_bp(all) at the profiled batch shape."""
         return 1.0 if self.mask is None else self.profile.backward_flops(self.mask) / self.profile.full_backward_flops
+
+    def begin_interval(self, server_round: int, step: int, order: Sequence[str]) -> tuple[str, ...]:
+        """The layers whose pairs this interval computes and sends (every layer in a probe), in ``order``."""
+        self.reports = {}
+        current = self.layers(server_round, step)
+        return tuple(layer for layer in order if layer in current)
+
+    def end_interval(self, server_round: int, step: int, weight: Callable[[Hashable], float]) -> None:
+        """After a probe interval, re-select from the clients' reports, averaged with the merge weights ``weight(client)``."""
+        if self.probes(server_round, step):
+            self.probe_count += 1
+            self.reselect(server_round, self.reports, {k: weight(k) for k in self.reports})
+
+    def reselect(self, server_round: int, reports: Mapping[Hashable, Mapping[str, float]], weights: Mapping[Hashable, float]) -> None:
+        """After a probe interval: re-select from the clients' importance reports (logged; kept when none is usable)."""
+        try:
+            if not self.update(reports, weights):
+                log(WARNING, "round %d: Green-ColA selected no layer (no positive importance); selection kept", server_round)
+        except ValueError as err:  # no usable report
+            log(WARNING, "round %d: Green-ColA selection kept: %s", server_round, err)
+        log(INFO, "round %d: Green-ColA selects %d of %d layers (%.3f of the server backward)",
+            server_round, len(self.selected), len(self.profile.names), self.backward_fraction)
+
+    def record(self, order: Sequence[str]) -> dict:
+        """The round's ledger entry (selected layers in ``order``, backward fraction, probe intervals, importance per layer); a new round starts."""
+        probes, self.probe_count = self.probe_count, 0
+        return {"selected": [layer for layer in order if layer in self.selected], "backward_fraction": self.backward_fraction,
+                "probe_intervals": probes, "importance": None if self.importance is None else dict(zip(self.profile.names, self.importance.tolist()))}
+
+    def state(self) -> dict | None:
+        """The selection for a checkpoint (None before the first)."""
+        return None if self.mask is None else {"mask": self.mask.tolist(), "importance": self.importance.tolist()}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """A checkpoint's selection (``{"mask": [...], "importance": [...]}``)."""
+        self.mask = np.array(state["mask"], dtype=bool)
+        self.importance = np.array(state["importance"])
+
+
+@dataclass(frozen=True)
+class GreenColA:
+    """Green-ColA's settings: the server backward's budget ``rho`` (fraction of plain ColA's; 1 = off)
+    and the re-selection period ``every`` (rounds)."""
+
+    rho: float = 1.0
+    every: int = 1
+
+    def selector(self, server: Any, rows: int, length: int, vocab_size: int, seed: int) -> LayerSelector:
+        """The selector, profiled on ``server``'s model at a (rows x length) batch of fixed-seed token ids."""
+        ids = torch.randint(0, vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed)).to(server.device)
+        profile = layer_profile(server.model, server.targets, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        return LayerSelector(profile, self.rho, self.every)

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedcola.green.flops import FlopsProfile, apply_selection, profile_tensors
-from fedcola.train import StepStats, train_steps
+from fedcola.train import StepStats, train_steps, on_device
 
 __all__ = ["BudgetSelection", "GreenSelector", "apply_selection", "counted", "dp_select", "fresh_optimizer", "select",
            "select_under_budget", "smallest_feasible_rho", "tensor_importance", "train_under_budget"]
@@ -241,7 +241,7 @@ def select_under_budget(model: nn.Module, batches: Sequence[Mapping[str, Any]], 
 
     def solve() -> tuple[FlopsProfile, np.ndarray]:
         profile = profile_tensors(model, batches[0])
-        importance = tensor_importance(model, profile.names, [lambda b=b: model(**b).loss for b in batches], optimizer)
+        importance = tensor_importance(model, profile.names, [lambda b=b: model(**on_device(b, model)).loss for b in batches], optimizer)
         return profile, select(profile, importance, rho)
 
     (profile, mask), flops, seconds = counted(solve)

@@ -1,0 +1,130 @@
+"""Where the ColA server keeps its clients' auxiliary models, and which node owns which adapter.
+
+Per client ``adapters[node]`` (frozen copies of what the client last sent), or, for merged linear
+auxiliary models, only their parameter mean (``ParameterMean``: memory flat in K). A node's adapter
+id (its partition id) is fixed at first contact; a restarted node (new node id) takes its id over,
+and after a server resume the first node claiming an id inherits the checkpointed state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+
+from fedcola.cola import records
+from fedcola.cola.adapters import Adapter
+from fedcola.cola.server import ParameterMean
+
+
+class AdapterBook:
+    """The auxiliary models the server holds and their owners. ``build()`` makes one client's
+    auxiliary models (the template of every reply); ``use_mean`` keeps only the parameter mean."""
+
+    def __init__(self, build: Callable[[], dict[str, Adapter]], use_mean: bool = False) -> None:
+        self.build = build
+        self.template = records.adapter_record(build())
+        self.adapters: dict[int, dict[str, Adapter]] = {}  # per client, unless `mean` holds them
+        self.mean = ParameterMean(build()) if use_mean else None
+        self.synced: dict[int, bool] = {}  # node -> the server holds the adapters of the node's last reply
+        self.owner: dict[int, int] = {}  # node id -> adapter id (its partition id) fixed at first contact
+        self.examples: dict[int, int] = {}
+        self.resumed: dict[int, int] = {}  # adapter id -> the checkpoint's node id, until a node of this run claims it
+
+    @property
+    def known(self) -> set[int]:
+        """Nodes whose auxiliary models the server holds."""
+        return set(self.adapters) | (set(self.mean.n) if self.mean is not None else set())
+
+    def adapter_sets(self) -> dict:
+        """What merged mode folds into W: per client, or their parameter mean (``"mean"``)."""
+        return {"mean": self.mean.adapters} if self.mean is not None else self.adapters
+
+    def frozen(self, record: ArrayRecord) -> dict[str, Adapter]:
+        adapters = self.build()
+        records.load_adapter_record(adapters, record)
+        for a in adapters.values():
+            a.requires_grad_(False)
+        return adapters
+
+    def join(self, node: int, record: ArrayRecord, weight: float) -> None:
+        """A node's first auxiliary models (weight n_k of the parameter mean)."""
+        if self.mean is not None:
+            self.mean.add(node, record.to_torch_state_dict(), n=weight)
+        else:
+            self.adapters[node] = self.frozen(record)
+        self.synced[node] = True
+
+    def update(self, node: int, record: ArrayRecord) -> None:
+        """A train reply: the node's new auxiliary models, or the change of its parameters (``mean``)."""
+        if self.mean is not None:
+            self.mean.move(node, record.to_torch_state_dict())
+        else:
+            records.load_adapter_record(self.adapters[node], record)
+        self.synced[node] = True
+
+    def check_owner(self, node: int, adapter_id: int, connected: set[int]) -> str | None:
+        """A node keeps the adapter id of its first reply; a connected node's id is not another's."""
+        if node in self.owner and self.owner[node] != adapter_id:
+            return f"reply carries adapter id {adapter_id}, but node {node} holds adapter {self.owner[node]}"
+        held_by = [n for n, a in self.owner.items() if a == adapter_id and n != node and n in connected]
+        return f"adapter id {adapter_id} is held by connected node {held_by[0]}" if held_by else None
+
+    def own(self, node: int, adapter_id: int) -> None:
+        """Record ``node`` as the holder of ``adapter_id``. A restarted SuperNode comes back with a new
+        node id: it takes over the adapter id of the departed node, whose entries go (in merged mode
+        they would otherwise count that client twice). In the parameter mean (merged linear) its share
+        and its `synced` flag pass to the new node: the node's restored state (``state-dir``) continues
+        the changes it sends from the version the server holds."""
+        resumed = self.resumed.pop(adapter_id, None)
+        if resumed is not None and node not in self.owner:
+            self.rekey(resumed, node)
+        if node not in self.owner:
+            for old in [n for n, a in self.owner.items() if a == adapter_id]:
+                log(INFO, "adapter id %d rejoined as node %d (was node %d)", adapter_id, node, old)
+                for held in (self.owner, self.adapters, self.examples):
+                    held.pop(old, None)
+                if self.mean is not None and old in self.mean.n:
+                    self.mean.n[node] = self.mean.n.pop(old)
+                    self.synced[node] = self.synced.pop(old, False)
+        self.owner[node] = adapter_id
+
+    def rekey(self, old: int, node: int) -> None:
+        """Node ``node`` of a resumed run takes over the checkpointed state of node ``old`` (same adapter id)."""
+        for held in (self.owner, self.adapters, self.examples, self.synced):
+            if old in held:
+                held[node] = held.pop(old)
+        if self.mean is not None and old in self.mean.n:
+            self.mean.n[node] = self.mean.n.pop(old)
+
+    def by_adapter_id(self) -> dict:
+        """The held auxiliary models keyed by adapter id (partition id), or ``{"mean": ...}``."""
+        if self.mean is not None:
+            return self.adapter_sets()
+        return {self.owner.get(node, node): ads for node, ads in self.adapters.items()}
+
+    # --- checkpoint (server resume) ---------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Per-client auxiliary models (``adapters/<node>/...``) or the parameter mean's float64 S
+        (``mean/...``) as tensors; node -> adapter id, ``synced``, examples, the mean's n_k as JSON."""
+        tensors = {f"adapters/{node}/{k}": v for node, ads in self.adapters.items() for k, v in records.adapter_record(ads).to_torch_state_dict().items()}
+        keyed = lambda held: {str(n): v for n, v in held.items()}  # noqa: E731  (JSON keys are strings)
+        state = {"owner": keyed(self.owner), "synced": keyed(self.synced), "examples": keyed(self.examples)}
+        if self.mean is not None:
+            tensors |= {f"mean/{k}": v for k, v in self.mean.sum.items()}
+            state["mean-n"] = keyed(self.mean.n)
+        return tensors, state
+
+    def load_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """Inverse of :meth:`state_dict`; every checkpointed adapter id waits for a node to claim it."""
+        by_node = lambda key: {int(n): v for n, v in state.get(key, {}).items()}  # noqa: E731
+        self.owner, self.synced, self.examples = by_node("owner"), by_node("synced"), by_node("examples")
+        nodes = {int(k.split("/", 2)[1]) for k in tensors if k.startswith("adapters/")}
+        self.adapters = {n: self.frozen(ArrayRecord({k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"adapters/{n}/")}))
+                         for n in sorted(nodes)}
+        if self.mean is not None:
+            self.mean.restore({k[len("mean/"):]: v for k, v in tensors.items() if k.startswith("mean/")}, by_node("mean-n"))
+        self.resumed = {a: n for n, a in self.owner.items()}

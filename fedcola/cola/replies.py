@@ -1,0 +1,80 @@
+"""Screening of ColA replies: why a client's query or train reply cannot be used, or None.
+
+Query replies (step 2) carry a client's batches (checked against the model: token ids < vocab, labels
+< classes, at most ``batch_size`` x ``max_length``) and, at first contact, its auxiliary models
+(checked against the strategy's template: names, shapes, dtypes, finite). Train replies (step 6) carry
+the updated auxiliary models and may carry the next interval's batches. Every reply names its adapter
+id, which is bound to the node at first contact (``AdapterBook.check_owner``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from flwr.app import Message
+
+from fedcola.cola import records
+from fedcola.fl import wire
+from fedcola.fl.screening import reply_problem
+
+if TYPE_CHECKING:
+    from strategies.cola import ColA
+
+FIT_METRICS = ("rows", "flops", "peak-memory-bytes", "wall-time-s", "partition-id")
+
+
+class ReplyCheck:
+    def __init__(self, strategy: ColA) -> None:
+        self.s = strategy
+
+    def batches(self, msg: Message, evaluation: bool) -> str | None:
+        """Why a reply's ``batch`` record is unusable: I training batches, or local validation batches
+        holding at most ``eval_examples`` examples (``evaluation``)."""
+        s = self.s
+        max_batches = math.ceil(s.eval_examples / s.batch_size) if evaluation else s.spec.interval
+        if "batch" not in msg.content.array_records:
+            return "reply has no 'batch' ArrayRecord"
+        if "num-examples" not in msg.content.metric_records["metrics"]:
+            return "a reply with batches lacks the num-examples metric"
+        record = msg.content.array_records["batch"]
+        problem = records.check_batches(record, max_batches, s.batch_size, s.vocab_size, s.num_labels, s.max_length)
+        if problem is None and not evaluation and records.batch_count(record) != max_batches:
+            problem = f"reply has {records.batch_count(record)} batches, the interval needs {max_batches}"
+        return problem
+
+    def query(self, msg: Message, node: int, evaluation: bool, connected: set[int]) -> str | None:
+        """A query reply: batches, the adapter id's owner, and the auxiliary models on first contact.
+        A good reply binds its adapter id to the node (``AdapterBook.own``)."""
+        book = self.s.book
+        problem = reply_problem(msg, None, required=("num-examples", "partition-id"))
+        if problem is None:
+            problem = book.check_owner(node, int(msg.content.metric_records["metrics"]["partition-id"]), connected)
+        if problem is None:
+            problem = self.batches(msg, evaluation)
+        if problem is None and node not in book.known:
+            if "adapter" not in msg.content.array_records:
+                problem = "first query reply lacks the client's auxiliary models"
+            else:
+                problem = wire.check_arrays(msg.content.array_records["adapter"], book.template)
+        if problem is None:
+            book.own(node, int(msg.content.metric_records["metrics"]["partition-id"]))
+        return problem
+
+    def train(self, msg: Message, node: int, connected: set[int], prefetching: bool) -> str | None:
+        """A train reply: the updated auxiliary models, the owner, and batches only when asked for."""
+        problem = reply_problem(msg, self.s.book.template, required=FIT_METRICS, arrays_key="adapter")
+        if problem is None:
+            problem = self.s.book.check_owner(node, int(msg.content.metric_records["metrics"]["partition-id"]), connected)
+        if problem is None and "batch" in msg.content.array_records:
+            problem = self.batches(msg, evaluation=False) if prefetching else "reply carries batches nobody asked for"
+        return problem
+
+    def importance(self, msg: Message, node: int, layers: tuple[str, ...], reports: dict[int, dict[str, float]]) -> str | None:
+        """Keep a train reply's per-layer importance in ``reports`` (Green-ColA: a record naming each
+        trained layer with one finite value), or say why it is unusable."""
+        values = dict(msg.content.config_records.get("importance", {}))
+        if set(values) != set(layers) or not all(isinstance(v, float) and math.isfinite(v) for v in values.values()):
+            return f"importance record must name the {len(layers)} trained layers with one finite value each"
+        reports[node] = values
+        return None
