@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Scalar] = {
     "rounds": 3,
     "round-timeout": 3600.0,
     "allow-empty-rounds": False,  # a round in which no client reply was accepted warns instead of failing the run
+    "max-examples": 1_000_000,  # cap on a client reply's num-examples (its weight in example-weighted means); above: skipped
     "seed": 0,
     "local-steps": 20,
     "batch-size": 16,
@@ -146,7 +147,7 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
         if config[key] not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}")
     for key in ("num-clients", "rounds", "local-steps", "batch-size", "lora.r", "cola.interval", "cola.green-every", "green.steps",
-                "green.reselect-every", "green.importance-batches"):
+                "green.reselect-every", "green.importance-batches", "max-examples"):
         if config[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
     if config["round-timeout"] <= 0:

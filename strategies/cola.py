@@ -39,7 +39,7 @@ from fedcola.cola.server import ColaServer, Mode
 from fedcola.cola.spec import AdapterSpec, ClientSpec
 from fedcola.fl.ledger import Ledger
 from fedcola.fl import wire
-from fedcola.fl.screening import Screened, Skips, wait_for_nodes
+from fedcola.fl.screening import MAX_EXAMPLES, Screened, Skips, wait_for_nodes
 from fedcola.green.cola import GreenColA, LayerSelector
 from fedcola.train import OptimizerSpec, evaluate_logits
 
@@ -76,6 +76,7 @@ class ColA(Screened, Strategy):
         weighting: str = "equal",
         seed: int = 0,
         green: GreenColA | None = None,
+        max_examples: int = MAX_EXAMPLES,
         allow_empty_rounds: bool = False,
         ledger: Ledger | None = None,
     ) -> None:
@@ -94,7 +95,7 @@ class ColA(Screened, Strategy):
         self.num_labels = config.num_labels if self.task == "classification" else None
         self.max_length = max_length or getattr(config, "max_position_embeddings", None) or 512
         self.local_steps, self.fraction_train, self.min_nodes, self.batch_size = local_steps, fraction_train, min_nodes, batch_size
-        self.eval_examples, self.weighting, self.seed = eval_examples, weighting, seed
+        self.eval_examples, self.weighting, self.seed, self.max_examples = eval_examples, weighting, seed, max_examples
         self.skips = Skips(ledger, allow_empty_rounds)
         self.costs = RoundCosts()
         self.check = ReplyCheck(self)
@@ -171,20 +172,25 @@ class ColA(Screened, Strategy):
 
     def _accept_queries(self, server_round: int, replies: Iterable[Message], evaluation: bool = False) -> dict[int, list[dict[str, torch.Tensor]]]:
         """Usable batches by node: I training batches, or up to ``eval_examples`` local validation
-        examples (``evaluation``); bad replies are skipped with the reason."""
+        examples (``evaluation``); bad replies are skipped with the reason (also whatever raises)."""
         batches = {}
         for msg in replies:
             node = msg.metadata.src_node_id
-            problem = self.check.query(msg, node, evaluation, self._connected)
-            if problem is None and node not in self.known:
-                self.book.join(node, msg.content.array_records["adapter"],
-                               int(msg.content.metric_records["metrics"]["num-examples"]) if self.weighting == "examples" else 1.0)
-            if problem is not None:
-                self.skips.skip(server_round, node, problem)
-                continue
-            self.costs.clients[node]["bytes_up"] += sum(wire.nbytes(r) for r in msg.content.array_records.values())
-            batches[node] = self._take_batches(node, msg, evaluation)
+            got = self.skips.guard(server_round, node, lambda: self._accept_query(server_round, msg, node, evaluation))
+            if got is not None:
+                batches[node] = got
         return batches
+
+    def _accept_query(self, server_round: int, msg: Message, node: int, evaluation: bool) -> list[dict[str, torch.Tensor]] | None:
+        problem = self.check.query(msg, node, evaluation, self._connected)
+        if problem is not None:
+            self.skips.skip(server_round, node, problem)
+            return None
+        if node not in self.known:
+            self.book.join(node, msg.content.array_records["adapter"],
+                           int(msg.content.metric_records["metrics"]["num-examples"]) if self.weighting == "examples" else 1.0)
+        self.costs.clients[node]["bytes_up"] += sum(wire.nbytes(r) for r in msg.content.array_records.values())
+        return self._take_batches(node, msg, evaluation)
 
     def _take_batches(self, node: int, msg: Message, evaluation: bool) -> list[dict[str, torch.Tensor]]:
         if not evaluation:
@@ -228,19 +234,22 @@ class ColA(Screened, Strategy):
         kept = 0
         for msg in replies:
             node = msg.metadata.src_node_id
-            problem = self.check.train(msg, node, self._connected, self._prefetch_step >= 0)
-            if problem is None and self.green is not None:
-                problem = self.check.importance(msg, node, self._layers or tuple(self.dims), self.green.reports)
-            if problem is not None:
-                self.skips.skip(server_round, node, problem)
-                continue
-            if "batch" in msg.content.array_records:
-                self._prefetched[node] = self._take_batches(node, msg, evaluation=False)
-            self.book.update(node, msg.content.array_records["adapter"])
-            self.costs.add_reply(node, msg.content.metric_records["metrics"], sum(wire.nbytes(r) for r in msg.content.array_records.values()))
-            kept += 1
+            kept += bool(self.skips.guard(server_round, node, lambda: self._accept_fit(server_round, msg, node)))
         self.skips.accepted(kept)
         return None, MetricRecord({"clients": kept})
+
+    def _accept_fit(self, server_round: int, msg: Message, node: int) -> bool:
+        problem = self.check.train(msg, node, self._connected, self._prefetch_step >= 0)
+        if problem is None and self.green is not None:
+            problem = self.check.importance(msg, node, self._layers or tuple(self.dims), self.green.reports)
+        if problem is not None:
+            self.skips.skip(server_round, node, problem)
+            return False
+        if "batch" in msg.content.array_records:
+            self._prefetched[node] = self._take_batches(node, msg, evaluation=False)
+        self.book.update(node, msg.content.array_records["adapter"])
+        self.costs.add_reply(node, msg.content.metric_records["metrics"], sum(wire.nbytes(r) for r in msg.content.array_records.values()))
+        return True
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-client loss and task metric on local validation data (ledger), and their example-weighted mean."""

@@ -22,7 +22,7 @@ from torch import nn
 from fedcola.fedavg_lora.client import TRAINED, trainable_state
 from fedcola.fl.ledger import Ledger
 from fedcola.fl.wire import nbytes
-from fedcola.fl.screening import Screened, Skips, screen
+from fedcola.fl.screening import MAX_EXAMPLES, Screened, Skips, screen
 from fedcola.train import OptimizerSpec
 
 
@@ -63,12 +63,12 @@ class FedAvgLoRA(Screened, FedAvg):
     """
 
     def __init__(self, model: nn.Module | None = None, *args, optimizer: OptimizerSpec = OptimizerSpec(), local_steps: int = 10, seed: int = 0,
-                 allow_empty_rounds: bool = False, ledger: Ledger | None = None, round_offset: int = 0, **kwargs):
+                 max_examples: int = MAX_EXAMPLES, allow_empty_rounds: bool = False, ledger: Ledger | None = None, round_offset: int = 0, **kwargs):
         kwargs.setdefault("fraction_evaluate", 0.0)
         kwargs.setdefault("min_train_nodes", 1)
         kwargs.setdefault("min_available_nodes", 1)
         super().__init__(*args, **kwargs)
-        self.model = model
+        self.model, self.max_examples = model, max_examples
         self.settings = {"local-steps": local_steps, "optimizer": optimizer.name, "lr": float(optimizer.lr),
                          "weight-decay": float(optimizer.weight_decay), "seed": seed}
         self.skips = Skips(ledger, allow_empty_rounds)
@@ -94,16 +94,17 @@ class FedAvgLoRA(Screened, FedAvg):
         self.skips.begin_round(server_round)
         return super().configure_train(server_round, arrays, ConfigRecord(self.settings | dict(config)), grid)
 
+    def _names_known(self, server_round: int, msg: Message) -> bool:
+        """A reply's ``trained`` record names only tensors of the global model (else it is skipped)."""
+        unknown = set() if msg.has_error() else set(trained_names(msg.content, self._sent)) - set(self._sent.keys())
+        if unknown:
+            self.skips.skip(server_round, msg.metadata.src_node_id, f"trained names unknown tensors {sorted(unknown)[:3]}")
+        return not unknown
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        named = []
-        for msg in replies:
-            unknown = set() if msg.has_error() else set(trained_names(msg.content, self._sent)) - set(self._sent.keys())
-            if unknown:
-                self.skips.skip(server_round, msg.metadata.src_node_id, f"trained names unknown tensors {sorted(unknown)[:3]}")
-            else:
-                named.append(msg)
-        kept = screen(server_round, named, self._sent, self.ledger, nbytes(self._sent), self.skips)
+        named = [msg for msg in replies if self.skips.guard(server_round, msg.metadata.src_node_id, lambda: self._names_known(server_round, msg))]
+        kept = screen(server_round, named, self._sent, self.ledger, nbytes(self._sent), self.skips, self.max_examples)
         self.skips.accepted(len(kept))
         self.skips.end_round(server_round)  # no usable reply: the run fails (or, if allowed, the model stays as it is)
         if not kept:

@@ -31,7 +31,7 @@ from fedcola.lte.client import STATE_SPEC, delta_record, record_delta
 from fedcola.lte.heads import base_weights, frozen_parameters
 from fedcola.lte.spec import LTESpec
 from fedcola.fl.wire import nbytes
-from fedcola.fl.screening import Screened, Skips, screen
+from fedcola.fl.screening import MAX_EXAMPLES, Screened, Skips, metric_problem, screen
 
 MESSAGE_TYPE = "train.lte"
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -58,6 +58,7 @@ class LTE(Screened, Strategy):
         min_available_nodes: int = 1,
         node_wait: float = 60.0,
         weighted: bool = False,
+        max_examples: int = MAX_EXAMPLES,
         allow_empty_rounds: bool = False,
         ledger: Ledger | None = None,
         message_type: str = MESSAGE_TYPE,
@@ -68,7 +69,7 @@ class LTE(Screened, Strategy):
         self.fraction_train = fraction_train
         self.min_available_nodes = min_available_nodes
         self.node_wait = node_wait
-        self.weighted = weighted
+        self.weighted, self.max_examples = weighted, max_examples
         self.skips = Skips(ledger, allow_empty_rounds)
         self.message_type = message_type
         self.W: dict[str, Tensor] = base_weights(model)
@@ -157,7 +158,12 @@ class LTE(Screened, Strategy):
         if "arrays" not in msg.content.array_records:
             return "reply has no 'arrays' ArrayRecord"
         metrics = msg.content.metric_records.get("metrics", {})
-        if "base-version" in metrics and int(metrics["base-version"]) != self.sent[node][0]:
+        problem = metric_problem(metrics, self.max_examples)
+        if problem is not None:
+            return problem
+        if "base-version" not in metrics:
+            return "reply metrics lack base-version"
+        if int(metrics["base-version"]) != self.sent[node][0]:
             return f"trained against W version {metrics['base-version']}, was sent {self.sent[node][0]}"
         try:
             delta = record_delta(msg.content.array_records["arrays"])
@@ -173,10 +179,10 @@ class LTE(Screened, Strategy):
             node = msg.metadata.src_node_id
             if msg.has_error():  # it may not have applied what it was sent: full sync next time
                 self.sent.pop(node, None)
-            delta = self._delta(msg)
+            delta = self.skips.guard(server_round, node, lambda: self._delta(msg))
             if isinstance(delta, str):
                 self.skips.skip(server_round, node, delta)
-            elif screen(server_round, [msg], None, self.ledger, self.sent.get(node, (0, 0))[1], self.skips):
+            elif delta is not None and screen(server_round, [msg], None, self.ledger, self.sent.get(node, (0, 0))[1], self.skips, self.max_examples):
                 kept.append((msg, delta))
         return kept
 

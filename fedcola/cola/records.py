@@ -61,7 +61,9 @@ def check_batches(record: ArrayRecord, max_batches: int, batch_size: int, vocab_
             return f"batch {i} has dtypes {ids.dtype}/{mask.dtype}/{labels.dtype}, expected int32/int32/int64"
         if len(ids.shape) != 2 or tuple(mask.shape) != tuple(ids.shape) or not 0 < ids.shape[0] <= batch_size or not 0 < ids.shape[1] <= max_length:
             return f"batch {i} has shape {tuple(ids.shape)} (mask {tuple(mask.shape)}), expected (1..{batch_size}, 1..{max_length})"
-        ids_np, labels_np = ids.numpy(), labels.numpy()
+        ids_np, labels_np, mask_np = ids.numpy(), labels.numpy(), mask.numpy()
+        if not ((mask_np == 0) | (mask_np == 1)).all() or not mask_np.any(axis=1).all():
+            return f"batch {i} has an attention mask with values other than 0/1 or a row without a real token"
         if ids_np.min() < 0 or ids_np.max() >= vocab_size:
             return f"batch {i} has token ids outside [0, {vocab_size})"
         if num_labels is not None and (labels.shape != (ids.shape[0],) or labels_np.min() < 0 or labels_np.max() >= num_labels):

@@ -47,7 +47,7 @@ class ReplyCheck:
         """A query reply: batches, the adapter id's owner, and the auxiliary models on first contact.
         A good reply binds its adapter id to the node (``AdapterBook.own``)."""
         book = self.s.book
-        problem = reply_problem(msg, None, required=("num-examples", "partition-id"))
+        problem = reply_problem(msg, None, required=("num-examples", "partition-id"), max_examples=self.s.max_examples)
         if problem is None:
             problem = book.check_owner(node, int(msg.content.metric_records["metrics"]["partition-id"]), connected)
         if problem is None:
@@ -57,13 +57,15 @@ class ReplyCheck:
                 problem = "first query reply lacks the client's auxiliary models"
             else:
                 problem = wire.check_arrays(msg.content.array_records["adapter"], book.template)
+        elif problem is None and "adapter" in msg.content.array_records:
+            problem = "reply carries auxiliary models the server did not ask for"
         if problem is None:
             book.own(node, int(msg.content.metric_records["metrics"]["partition-id"]))
         return problem
 
     def train(self, msg: Message, node: int, connected: set[int], prefetching: bool) -> str | None:
         """A train reply: the updated auxiliary models, the owner, and batches only when asked for."""
-        problem = reply_problem(msg, self.s.book.template, required=FIT_METRICS, arrays_key="adapter")
+        problem = reply_problem(msg, self.s.book.template, required=FIT_METRICS, arrays_key="adapter", max_examples=self.s.max_examples)
         if problem is None:
             problem = self.s.book.check_owner(node, int(msg.content.metric_records["metrics"]["partition-id"]), connected)
         if problem is None and "batch" in msg.content.array_records:

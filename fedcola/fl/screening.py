@@ -7,20 +7,44 @@ expected arrays (names, shapes, dtypes) with finite values, and the metrics the 
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import WARNING
+from typing import TypeVar
 
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
 from fedcola.fl.ledger import Ledger
 from fedcola.fl.wire import check_arrays, nbytes
 
+T = TypeVar("T")
 REQUIRED_METRICS = ("num-examples", "train-loss", "flops", "peak-memory-bytes", "wall-time-s", "partition-id")
+MAX_EXAMPLES = 1_000_000  # default cap on a reply's num-examples (its weight in example-weighted means)
+COUNTS = ("num-examples",)  # positive integers up to the cap
+IDS = ("partition-id", "base-version")  # non-negative integers
+AMOUNTS = ("flops", "peak-memory-bytes", "wall-time-s", "rows", "green-rho")  # non-negative numbers
 
 
-def reply_problem(msg: Message, expected: ArrayRecord | None, required: tuple[str, ...] = REQUIRED_METRICS, arrays_key: str = "arrays") -> str | None:
+def metric_problem(metrics: MetricRecord, max_examples: int = MAX_EXAMPLES) -> str | None:
+    """Why a reply's metrics cannot be used: every value a finite number, counts positive integers up to
+    ``max_examples``, ids non-negative integers, costs non-negative; or None."""
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"metric {key} is not a finite number: {str(value)[:40]}"
+        whole = float(value).is_integer()
+        if key in COUNTS and not (whole and 1 <= value <= max_examples):
+            return f"metric {key} must be an integer in [1, {max_examples}], got {value}"
+        if key in IDS and not (whole and value >= 0):
+            return f"metric {key} must be a non-negative integer, got {value}"
+        if key in AMOUNTS and value < 0:
+            return f"metric {key} must be >= 0, got {value}"
+    return None
+
+
+def reply_problem(msg: Message, expected: ArrayRecord | None, required: tuple[str, ...] = REQUIRED_METRICS, arrays_key: str = "arrays",
+                  max_examples: int = MAX_EXAMPLES) -> str | None:
     """Why a reply cannot be used, or None."""
     if msg.has_error():
         return f"client error: {msg.error.reason}"
@@ -30,6 +54,9 @@ def reply_problem(msg: Message, expected: ArrayRecord | None, required: tuple[st
     missing = [k for k in required if k not in content.metric_records["metrics"]]
     if missing:
         return f"reply metrics lack {', '.join(missing)}"
+    problem = metric_problem(content.metric_records["metrics"], max_examples)
+    if problem is not None:
+        return problem
     if expected is not None:
         if arrays_key not in content.array_records:
             return f"reply has no '{arrays_key}' ArrayRecord"
@@ -45,12 +72,12 @@ def skip(server_round: int, node: int, problem: str, ledger: Ledger | None) -> N
 
 
 def screen(server_round: int, replies: Iterable[Message], expected: ArrayRecord | None, ledger: Ledger | None, bytes_down: int,
-           skips: Skips | None = None) -> list[Message]:
+           skips: Skips | None = None, max_examples: int = MAX_EXAMPLES) -> list[Message]:
     """Keep the usable replies; log and record the others (in ``skips`` when given); record every kept client in the ledger."""
     kept = []
     for msg in replies:
         node = msg.metadata.src_node_id
-        problem = reply_problem(msg, expected)
+        problem = reply_problem(msg, expected, max_examples=max_examples)
         if problem is not None:
             if skips is not None:
                 skips.skip(server_round, node, problem)
@@ -89,6 +116,14 @@ class Skips:
     def skip(self, server_round: int, node: int, problem: str) -> None:
         skip(server_round, node, problem, self.ledger)
         self.reasons.append(f"node {node}: {problem}")
+
+    def guard(self, server_round: int, node: int, handle: Callable[[], T]) -> T | None:
+        """``handle()`` for one reply; anything it raises is that reply's skip (with the reason), never the run's end."""
+        try:
+            return handle()
+        except Exception as err:  # noqa: BLE001  (a hostile or broken reply must not end everyone's run)
+            self.skip(server_round, node, f"{type(err).__name__} while handling the reply: {str(err)[:200]}")
+            return None
 
     def accepted(self, count: int) -> None:
         self.kept += count

@@ -64,6 +64,8 @@ def _check_entry(key: str, entry: Delta, target: Tensor, max_rank: int | None) -
             raise InvalidDeltaError(f"{key}: factor rank {U.shape[1]} exceeds {max_rank}")
     elif entry.shape != target.shape:
         raise InvalidDeltaError(f"{key}: shape {tuple(entry.shape)} != {tuple(target.shape)}")
+    if any(t.dtype != torch.float32 for t in parts):
+        raise InvalidDeltaError(f"{key}: dtype {next(t.dtype for t in parts if t.dtype != torch.float32)}, expected float32")
     if not all(bool(torch.isfinite(t).all()) for t in parts):
         raise InvalidDeltaError(f"{key}: non-finite values")
 
