@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,12 +39,26 @@ def preflight(config: dict) -> None:
     """Fail fast, in one line, on an unknown model or dataset or an impossible partitioning."""
     from fedcola import data, models, runtime
 
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a file it cannot read is our one-line error, not its log
     splits = runtime.dataset_splits(config)
     if config["model"] not in models.FROM_SCRATCH:
         models.resolve(config["model"])
     data.make_partitioner(config["partitioning"], config["num-clients"], config["seed"])
     if len(splits["train"]) < config["num-clients"]:
         raise ValueError(f"dataset '{config['dataset']}' has {len(splits['train'])} training examples, fewer than num-clients={config['num-clients']}")
+    if config["task"] == "classification":
+        label = splits["train"].features.get("label")
+        if label is None:
+            columns = ", ".join(splits["train"].column_names)
+            raise ValueError(f"dataset '{config['dataset']}' has no label column '{config['data.label-column']}' (columns: {columns}); set data.label-column")
+        if getattr(label, "num_classes", 2) < 2:
+            raise ValueError(f"dataset '{config['dataset']}' has one class ({', '.join(label.names)}): classification needs at least two")
+    try:  # the run directory's parent must be writable before any client starts
+        out = Path(config["out-dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise ValueError(f"out-dir '{config['out-dir']}' is not writable: {err.strerror or err}") from None
 
 
 def _watch(ledger_path: Path, rounds: int, stop: threading.Event, task_metric: str) -> None:

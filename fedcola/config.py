@@ -9,6 +9,7 @@ says which key and what was expected.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -147,9 +148,13 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
         if config[key] not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}")
     for key in ("num-clients", "rounds", "local-steps", "batch-size", "lora.r", "cola.interval", "cola.green-every", "green.steps",
-                "green.reselect-every", "green.importance-batches", "max-examples"):
+                "green.reselect-every", "green.importance-batches", "max-examples", "data.max-length", "data.block-chars", "client.num-cpus",
+                "eval.batch-size", "eval.max-examples", "eval.client-max-examples", "lte.r", "lora.alpha", "cola.mlp-hidden"):
         if config[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
+    for key in ("lr", "weight-decay", "lte.alpha", "lte.staleness-exponent", "lte.async-mix", "lte.node-wait-s"):
+        if not (math.isfinite(config[key]) and config[key] >= 0) or key in ("lr", "lte.alpha") and config[key] == 0:
+            raise ConfigError(f"config key '{key}' must be a finite number {'> 0' if key in ('lr', 'lte.alpha') else '>= 0'}, got {config[key]}")
     if config["round-timeout"] <= 0:
         raise ConfigError(f"config key 'round-timeout' must be > 0 seconds, got {config['round-timeout']}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]*", config["run-key"]):

@@ -21,7 +21,9 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict
+from datasets.exceptions import DatasetGenerationError
 
 NAMED = ("rotten_tomatoes", "bbc_news", "hamlet", "digits", "fashion_mnist")
 PARTITIONINGS = ("iid", "dirichlet:<alpha>", "natural:<column>")
@@ -144,8 +146,15 @@ def load_raw(name: str, block_chars: int = 256) -> Dataset:
 
 
 def load_columns(name: str, block_chars: int = 256, text_column: str = "text", label_column: str = "label") -> Dataset:
-    """All examples of a dataset, unsplit, its columns renamed to ``text`` and ``label``."""
-    ds = load_raw(name, block_chars)
+    """All examples of a dataset, unsplit, its columns renamed to ``text`` and ``label``; a file that
+    cannot be read (empty, not UTF-8, not CSV / JSON) is an ``UnknownDatasetError`` naming its root cause."""
+    try:
+        ds = load_raw(name, block_chars)
+    except (DatasetGenerationError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        raise UnknownDatasetError(f"cannot read dataset '{name}': {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
     renames = {c: t for c, t in ((text_column, "text"), (label_column, "label")) if c != t and c in ds.column_names}
     ds = ds.rename_columns(renames) if renames else ds
     if "text" not in ds.column_names and "pixel_values" not in ds.column_names:

@@ -1,5 +1,6 @@
 """The CLI's bad-input paths: one clear line on stderr, exit status 2, no traceback."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,13 @@ def _one_line_error(proc, needle):
     (["run", str(GOOD), "--set", 'model="gpt-5"'], "unknown model 'gpt-5'"),
     (["run", str(GOOD), "--set", "dataset=imagenet"], "unknown dataset 'imagenet'"),
     (["run", str(GOOD), "--set", 'partitioning="zipf"'], "unknown partitioning 'zipf'"),
+    (["run", str(GOOD), "--set", "lr=nan"], "'lr' must be a finite number > 0"),
+    (["run", str(GOOD), "--set", "lr=-0.1"], "'lr' must be a finite number > 0"),
+    (["run", str(GOOD), "--set", "data.max-length=0"], "'data.max-length' must be >= 1"),
+    (["run", str(GOOD), "--set", "client.num-cpus=0"], "'client.num-cpus' must be >= 1"),
+    (["run", str(GOOD), "--set", "eval.batch-size=0"], "'eval.batch-size' must be >= 1"),
+    (["run", str(GOOD), "--set", "lte.r=0"], "'lte.r' must be >= 1"),
+    (["run", str(GOOD), "--set", "max-examples=0"], "'max-examples' must be >= 1"),
 ])
 def test_bad_config_is_one_clear_line(args, needle):
     _one_line_error(fedcola(*args), needle)
@@ -57,3 +65,27 @@ def test_help_and_keys():
     assert "--set" in run_help.stdout and "--run-dir" in run_help.stdout
     keys = fedcola("keys")
     assert keys.returncode == 0 and "lora.r" in keys.stdout and "num-clients" in keys.stdout
+
+
+def _bad_files(root):
+    (root / "empty.csv").write_text("")
+    (root / "latin1.csv").write_bytes(b"text,label\n\xff\xfe caf\xe9,1\n" * 20)
+    (root / "nolabel.csv").write_text("\n".join(["text,score"] + [f"word{i} film,{i % 2}" for i in range(40)]))
+    (root / "oneclass.csv").write_text("\n".join(["text,label"] + [f"word{i} film,good" for i in range(40)]))
+    return root
+
+
+@pytest.mark.parametrize("file, needle", [
+    ("empty.csv", "cannot read dataset"), ("latin1.csv", "cannot read dataset"),
+    ("nolabel.csv", "has no label column 'label'"), ("oneclass.csv", "has one class (good)"),
+])
+def test_bad_data_files_are_one_clear_line(tmp_path, file, needle):
+    path = _bad_files(tmp_path) / file
+    _one_line_error(fedcola("run", str(GOOD), "--set", f'dataset="{path}"', "--set", "num-clients=2", "--set", f'out-dir="{tmp_path}"'), needle)
+
+
+def test_unwritable_out_dir_is_one_clear_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    target = locked / "runs" if os.geteuid() != 0 else Path("/proc/fedcola-runs")  # root writes anywhere but /proc
+    _one_line_error(fedcola("run", str(GOOD), "--set", f'out-dir="{target}"'), "is not writable")
