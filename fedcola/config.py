@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Scalar] = {
     "round-timeout": 3600.0,
     "allow-empty-rounds": False,  # a round in which no client reply was accepted warns instead of failing the run
     "max-examples": 1_000_000,  # cap on a client reply's num-examples (its weight in example-weighted means); above: skipped
+    "max-update-ratio": 10.0,  # FedAvg-LoRA / LTE: a reply whose update norm exceeds this x the other replies' median is skipped (0 = off)
     "seed": 0,
     "local-steps": 20,
     "batch-size": 16,
@@ -152,7 +153,7 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
                 "eval.batch-size", "eval.max-examples", "eval.client-max-examples", "lte.r", "lora.alpha", "cola.mlp-hidden"):
         if config[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
-    for key in ("lr", "weight-decay", "lte.alpha", "lte.staleness-exponent", "lte.async-mix", "lte.node-wait-s"):
+    for key in ("lr", "weight-decay", "lte.alpha", "lte.staleness-exponent", "lte.async-mix", "lte.node-wait-s", "max-update-ratio"):
         if not (math.isfinite(config[key]) and config[key] >= 0) or key in ("lr", "lte.alpha") and config[key] == 0:
             raise ConfigError(f"config key '{key}' must be a finite number {'> 0' if key in ('lr', 'lte.alpha') else '>= 0'}, got {config[key]}")
     if config["round-timeout"] <= 0:

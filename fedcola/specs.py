@@ -161,7 +161,8 @@ def lte_strategy(config: dict, ledger: Ledger | None = None):
 
     lte_slowdowns(config)  # a malformed lte.slowdown fails here, not in every client
     common = dict(fraction_train=config["fraction-train"], min_available_nodes=config["num-clients"], node_wait=config["lte.node-wait-s"],
-                  weighted=config["lte.weighted"], max_examples=config["max-examples"], allow_empty_rounds=config["allow-empty-rounds"], ledger=ledger)
+                  weighted=config["lte.weighted"], max_examples=config["max-examples"], max_update_ratio=config["max-update-ratio"],
+                  allow_empty_rounds=config["allow-empty-rounds"], ledger=ledger)
     model, spec = lte_model(config, head_seed=0), lte_spec(config)
     if config["lte.async"]:
         strategy = LTEAsync(model, spec, staleness_exponent=config["lte.staleness-exponent"], max_staleness=config["lte.max-staleness"],

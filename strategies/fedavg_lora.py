@@ -22,7 +22,7 @@ from torch import nn
 from fedcola.fedavg_lora.client import TRAINED, trainable_state
 from fedcola.fl.ledger import Ledger
 from fedcola.fl.wire import nbytes
-from fedcola.fl.screening import MAX_EXAMPLES, Screened, Skips, screen
+from fedcola.fl.screening import MAX_EXAMPLES, Screened, Skips, outliers, record_clients, screen
 from fedcola.train import OptimizerSpec
 
 
@@ -63,12 +63,12 @@ class FedAvgLoRA(Screened, FedAvg):
     """
 
     def __init__(self, model: nn.Module | None = None, *args, optimizer: OptimizerSpec = OptimizerSpec(), local_steps: int = 10, seed: int = 0,
-                 max_examples: int = MAX_EXAMPLES, allow_empty_rounds: bool = False, ledger: Ledger | None = None, round_offset: int = 0, **kwargs):
+                 max_examples: int = MAX_EXAMPLES, max_update_ratio: float = 10.0, allow_empty_rounds: bool = False, ledger: Ledger | None = None, round_offset: int = 0, **kwargs):
         kwargs.setdefault("fraction_evaluate", 0.0)
         kwargs.setdefault("min_train_nodes", 1)
         kwargs.setdefault("min_available_nodes", 1)
         super().__init__(*args, **kwargs)
-        self.model, self.max_examples = model, max_examples
+        self.model, self.max_examples, self.max_update_ratio = model, max_examples, max_update_ratio
         self.settings = {"local-steps": local_steps, "optimizer": optimizer.name, "lr": float(optimizer.lr),
                          "weight-decay": float(optimizer.weight_decay), "seed": seed}
         self.skips = Skips(ledger, allow_empty_rounds)
@@ -101,10 +101,24 @@ class FedAvgLoRA(Screened, FedAvg):
             self.skips.skip(server_round, msg.metadata.src_node_id, f"trained names unknown tensors {sorted(unknown)[:3]}")
         return not unknown
 
+    def _bounded(self, server_round: int, kept: list[Message]) -> list[Message]:
+        """Drop (logged) the replies whose update ||w_k - w|| exceeds ``max_update_ratio`` x the others' median."""
+        sent = {k: v.numpy().astype(np.float64) for k, v in self._sent.items()}
+        norms = {}
+        for msg in kept:
+            arrays = msg.content.array_records["arrays"]
+            change = sum(float(((arrays[k].numpy().astype(np.float64) - sent[k]) ** 2).sum()) for k in trained_names(msg.content, self._sent))
+            norms[msg.metadata.src_node_id] = change ** 0.5
+        far = outliers(norms, self.max_update_ratio)
+        for node, median in far.items():
+            self.skips.skip(server_round, node, f"update norm {norms[node]:.3g} exceeds {self.max_update_ratio:g} x the other replies' median {median:.3g}")
+        return [m for m in kept if m.metadata.src_node_id not in far]
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         named = [msg for msg in replies if self.skips.guard(server_round, msg.metadata.src_node_id, lambda: self._names_known(server_round, msg))]
-        kept = screen(server_round, named, self._sent, self.ledger, nbytes(self._sent), self.skips, self.max_examples)
+        kept = self._bounded(server_round, screen(server_round, named, self._sent, None, nbytes(self._sent), self.skips, self.max_examples))
+        record_clients(server_round, kept, self.ledger, nbytes(self._sent))
         self.skips.accepted(len(kept))
         self.skips.end_round(server_round)  # no usable reply: the run fails (or, if allowed, the model stays as it is)
         if not kept:

@@ -26,12 +26,12 @@ from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor, nn
 
 from fedcola.fl.ledger import Ledger
-from fedcola.lte.merge import Delta, InvalidDeltaError, delta_nbytes, merge, validate_delta
+from fedcola.lte.merge import Delta, InvalidDeltaError, delta_nbytes, delta_norm, merge, validate_delta
 from fedcola.lte.client import STATE_SPEC, delta_record, record_delta
 from fedcola.lte.heads import base_weights, frozen_parameters
 from fedcola.lte.spec import LTESpec
 from fedcola.fl.wire import nbytes
-from fedcola.fl.screening import MAX_EXAMPLES, Screened, Skips, metric_problem, screen
+from fedcola.fl.screening import MAX_EXAMPLES, Screened, Skips, metric_problem, outliers, record_clients, screen
 
 MESSAGE_TYPE = "train.lte"
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -59,6 +59,7 @@ class LTE(Screened, Strategy):
         node_wait: float = 60.0,
         weighted: bool = False,
         max_examples: int = MAX_EXAMPLES,
+        max_update_ratio: float = 10.0,
         allow_empty_rounds: bool = False,
         ledger: Ledger | None = None,
         message_type: str = MESSAGE_TYPE,
@@ -69,7 +70,7 @@ class LTE(Screened, Strategy):
         self.fraction_train = fraction_train
         self.min_available_nodes = min_available_nodes
         self.node_wait = node_wait
-        self.weighted, self.max_examples = weighted, max_examples
+        self.weighted, self.max_examples, self.max_update_ratio = weighted, max_examples, max_update_ratio
         self.skips = Skips(ledger, allow_empty_rounds)
         self.message_type = message_type
         self.W: dict[str, Tensor] = base_weights(model)
@@ -182,9 +183,13 @@ class LTE(Screened, Strategy):
             delta = self.skips.guard(server_round, node, lambda: self._delta(msg))
             if isinstance(delta, str):
                 self.skips.skip(server_round, node, delta)
-            elif delta is not None and screen(server_round, [msg], None, self.ledger, self.sent.get(node, (0, 0))[1], self.skips, self.max_examples):
+            elif delta is not None and screen(server_round, [msg], None, None, 0, self.skips, self.max_examples):
                 kept.append((msg, delta))
         return kept
+
+    def _record(self, server_round: int, kept: list[tuple[Message, dict[str, Delta]]]) -> None:
+        for msg, _ in kept:
+            record_clients(server_round, [msg], self.ledger, self.sent.get(msg.metadata.src_node_id, (0, 0))[1])
 
     def _advance(self, update: dict[str, Delta]) -> None:
         """Keep the merged update as a record, unless it is too large to ever be sent (W goes instead)."""
@@ -205,6 +210,12 @@ class LTE(Screened, Strategy):
             if m.has_error():
                 self.sent.pop(dst.get(m.metadata.reply_to_message_id), None)
         kept = self._screen(server_round, replies)
+        norms = {m.metadata.src_node_id: delta_norm(d) for m, d in kept}
+        far = outliers(norms, self.max_update_ratio)
+        for node, median in far.items():
+            self.skips.skip(server_round, node, f"delta norm {norms[node]:.3g} exceeds {self.max_update_ratio:g} x the other replies' median {median:.3g}")
+        kept = [(m, d) for m, d in kept if m.metadata.src_node_id not in far]
+        self._record(server_round, kept)
         self.skips.accepted(len(kept))
         self.skips.end_round(server_round)  # no usable reply: the run fails (or, if allowed, W stays as it is)
         if not kept:

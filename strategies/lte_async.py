@@ -75,6 +75,7 @@ class LTEAsync(LTE):
         kept = self._screen(period, [msg])
         if not kept:
             return False
+        self._record(period, kept)
         node, delta = msg.metadata.src_node_id, kept[0][1]
         base = self.sent[node][0]
         staleness = self.version - base

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from logging import WARNING
 from typing import TypeVar
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
@@ -85,15 +86,19 @@ def screen(server_round: int, replies: Iterable[Message], expected: ArrayRecord 
                 skip(server_round, node, problem, ledger)
             continue
         kept.append(msg)
-        if ledger is not None:
-            m = msg.content.metric_records["metrics"]
-            up = sum(nbytes(a) for a in msg.content.array_records.values())
-            ledger.client(server_round, {
-                "node_id": node, "partition_id": int(m["partition-id"]), "num_examples": int(m["num-examples"]),
-                "loss": float(m["train-loss"]), "bytes_up": up, "bytes_down": bytes_down, "flops": int(m["flops"]),
-                "peak_memory_bytes": int(m["peak-memory-bytes"]), "wall_time_s": float(m["wall-time-s"]),
-            })
+    record_clients(server_round, kept, ledger, bytes_down)
     return kept
+
+
+def record_clients(server_round: int, kept: Iterable[Message], ledger: Ledger | None, bytes_down: int) -> None:
+    """A ledger client record for every kept reply (its metrics, bytes up and ``bytes_down``)."""
+    for msg in kept if ledger is not None else ():
+        m = msg.content.metric_records["metrics"]
+        ledger.client(server_round, {
+            "node_id": msg.metadata.src_node_id, "partition_id": int(m["partition-id"]), "num_examples": int(m["num-examples"]),
+            "loss": float(m["train-loss"]), "bytes_up": sum(nbytes(a) for a in msg.content.array_records.values()), "bytes_down": bytes_down,
+            "flops": int(m["flops"]), "peak_memory_bytes": int(m["peak-memory-bytes"]), "wall_time_s": float(m["wall-time-s"]),
+        })
 
 
 class NoReplyAccepted(RuntimeError):
@@ -160,3 +165,17 @@ def wait_for_nodes(grid, count: int, timeout: float, poll: float = 1.0) -> list[
     while len(nodes := list(grid.get_node_ids())) < count and time.time() < deadline:
         time.sleep(poll)
     return nodes
+
+
+def outliers(norms: dict[int, float], ratio: float) -> dict[int, float]:
+    """The replies whose update norm exceeds ``ratio`` x the median of the *other* replies' norms (a
+    leave-one-out median, so that one attacker among two clients is caught too), with that median; none
+    with fewer than two replies or ``ratio`` <= 0 (off)."""
+    if ratio <= 0 or len(norms) < 2:
+        return {}
+    out = {}
+    for node, norm in norms.items():
+        median = float(np.median([n for other, n in norms.items() if other != node]))
+        if not norm <= ratio * median:
+            out[node] = median
+    return out

@@ -50,6 +50,18 @@ def delta_nbytes(delta: dict[str, Delta]) -> int:
     )
 
 
+def delta_norm(delta: dict[str, Delta]) -> float:
+    """Frobenius norm of a delta, from its factors without the dense product: ||U V||^2 = sum((U^T U) * (V V^T))."""
+    total = 0.0
+    for entry in delta.values():
+        if isinstance(entry, tuple):
+            U, V = (t.double() for t in entry)
+            total += float(((U.T @ U) * (V @ V.T)).sum())
+        else:
+            total += float(entry.double().pow(2).sum())
+    return max(total, 0.0) ** 0.5
+
+
 def _check_entry(key: str, entry: Delta, target: Tensor, max_rank: int | None) -> None:
     parts = entry if isinstance(entry, tuple) else (entry,)
     if isinstance(entry, tuple):
