@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Scalar] = {
     "round-timeout": 3600.0,
     "allow-empty-rounds": False,  # a round in which no client reply was accepted warns instead of failing the run
     "max-examples": 1_000_000,  # cap on a client reply's num-examples (its weight in example-weighted means); above: skipped
-    "max-update-ratio": 10.0,  # FedAvg-LoRA / LTE: a reply whose update norm exceeds this x the other replies' median is skipped (0 = off)
+    "max-update-ratio": 10.0,  # FedAvg-LoRA / sync LTE / ColA: a reply whose update norm exceeds this x the other replies' median is skipped (0 = off)
     "seed": 0,
     "local-steps": 20,
     "batch-size": 16,

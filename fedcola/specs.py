@@ -83,7 +83,8 @@ def cola_strategy(config: dict, model: nn.Module | None = None, ledger: Ledger |
         fraction_train=config["fraction-train"], min_nodes=config["num-clients"], batch_size=config["batch-size"],
         max_length=config["data.max-length"], eval_examples=config["eval.client-max-examples"], wire_dtype=config["cola.wire-dtype"],
         weighting=config["cola.weighting"], seed=config["seed"], green=GreenColA(config["cola.green-rho"], config["cola.green-every"]),
-        max_examples=config["max-examples"], allow_empty_rounds=config["allow-empty-rounds"], ledger=ledger,
+        max_examples=config["max-examples"], max_update_ratio=config["max-update-ratio"], allow_empty_rounds=config["allow-empty-rounds"],
+        ledger=ledger,
     )
 
 

@@ -77,6 +77,7 @@ class ColA(Screened, Strategy):
         seed: int = 0,
         green: GreenColA | None = None,
         max_examples: int = MAX_EXAMPLES,
+        max_update_ratio: float = 10.0,
         allow_empty_rounds: bool = False,
         ledger: Ledger | None = None,
     ) -> None:
@@ -95,7 +96,8 @@ class ColA(Screened, Strategy):
         self.num_labels = config.num_labels if self.task == "classification" else None
         self.max_length = max_length or getattr(config, "max_position_embeddings", None) or 512
         self.local_steps, self.fraction_train, self.min_nodes, self.batch_size = local_steps, fraction_train, min_nodes, batch_size
-        self.eval_examples, self.weighting, self.seed, self.max_examples = eval_examples, weighting, seed, max_examples
+        self.eval_examples, self.weighting, self.seed = eval_examples, weighting, seed
+        self.max_examples, self.max_update_ratio = max_examples, max_update_ratio
         self.skips = Skips(ledger, allow_empty_rounds)
         self.costs = RoundCosts()
         self.check = ReplyCheck(self)
@@ -229,22 +231,14 @@ class ColA(Screened, Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Take each client's updated auxiliary models, or the change of its parameters (parameter mean);
-        the server re-merges them next interval. Batches for the next interval that a reply carries are
-        kept for it."""
-        kept = 0
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            kept += bool(self.skips.guard(server_round, node, lambda: self._accept_fit(server_round, msg, node)))
+        the server re-merges them next interval (``ReplyCheck.train_replies`` screens them, the norm of
+        each change included). Batches for the next interval that a reply carries are kept for it."""
+        usable = self.check.train_replies(server_round, replies)
+        kept = sum(bool(self.skips.guard(server_round, node, lambda: self._take_fit(node, msg))) for node, msg in usable.items())
         self.skips.accepted(kept)
         return None, MetricRecord({"clients": kept})
 
-    def _accept_fit(self, server_round: int, msg: Message, node: int) -> bool:
-        problem = self.check.train(msg, node, self._connected, self._prefetch_step >= 0)
-        if problem is None and self.green is not None:
-            problem = self.check.importance(msg, node, self._layers or tuple(self.dims), self.green.reports)
-        if problem is not None:
-            self.skips.skip(server_round, node, problem)
-            return False
+    def _take_fit(self, node: int, msg: Message) -> bool:
         if "batch" in msg.content.array_records:
             self._prefetched[node] = self._take_batches(node, msg, evaluation=False)
         self.book.update(node, msg.content.array_records["adapter"])

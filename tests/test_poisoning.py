@@ -66,3 +66,33 @@ def test_lte_huge_finite_delta_is_skipped():
 def test_leave_one_out_median_catches_one_attacker_of_two():
     assert set(outliers({1: 1.0, 2: 1e6}, 10.0)) == {2}
     assert outliers({1: 1.0, 2: 5.0}, 10.0) == {} and outliers({1: 1e9}, 10.0) == {}
+
+
+class _HugeGrid(helpers.ColaLoopGrid):
+    """Node 3 answers every train message with its auxiliary models scaled by 1e30 (finite)."""
+
+    def answer(self, msg):
+        reply = super().answer(msg)
+        if msg.metadata.message_type == "train.cola" and msg.metadata.dst_node_id == 3:
+            reply.content.array_records["adapter"] = ArrayRecord({k: v * 1e30 for k, v in helpers.adapter_state(reply.content.array_records["adapter"]).items()})
+        return reply
+
+
+def test_cola_merged_huge_finite_adapter_is_skipped(cola_config, tmp_path):
+    """In merged ColA a 1e30 adapter would make every client's (x, G) non-finite: its change is skipped and
+    the shared model stays finite; the honest clients train on."""
+    from fedcola import config as cfg
+    from fedcola.cola import records
+    from fedcola.fl.ledger import Ledger
+
+    config = cfg.build({**cola_config, "num-clients": 3, "local-steps": 2})
+    ledger = Ledger(tmp_path / "l.json", "cola", config)
+    strategy = helpers.cola_strategy(config, ledger)
+    grid = _HugeGrid([1, 2, 3], config, num_partitions=3)
+    strategy.start(grid=grid, num_rounds=1, timeout=10)
+    held = {n: records.adapter_record(a).to_torch_state_dict() for n, a in strategy.book.adapters.items()}
+    assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for ads in held.values() for v in ads.values())
+    assert all(torch.equal(v, torch.zeros_like(v)) for k, v in held[3].items() if k.endswith("/B"))  # never taken: still its initial B = 0
+    assert all(any(not torch.equal(v, torch.zeros_like(v)) for k, v in held[n].items() if k.endswith("/B")) for n in (1, 2))
+    skipped = [s for r in ledger.rounds or [ledger._round] for s in r["skipped"]]
+    assert len(skipped) == 2 and all(s["node_id"] == 3 and "auxiliary model change" in s["reason"] for s in skipped)

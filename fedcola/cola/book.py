@@ -66,6 +66,15 @@ class AdapterBook:
             records.load_adapter_record(self.adapters[node], record)
         self.synced[node] = True
 
+    def change_norm(self, node: int, record: ArrayRecord) -> float:
+        """||w' - w|| of a train reply against the auxiliary models held for ``node`` (the reply itself
+        when it carries a change: the parameter mean)."""
+        new = record.to_torch_state_dict()
+        if self.mean is not None:
+            return float(sum(v.double().pow(2).sum() for v in new.values())) ** 0.5
+        held = records.adapter_record(self.adapters[node]).to_torch_state_dict()
+        return float(sum((new[k].double() - held[k].double()).pow(2).sum() for k in held)) ** 0.5
+
     def check_owner(self, node: int, adapter_id: int, connected: set[int]) -> str | None:
         """A node keeps the adapter id of its first reply; a connected node's id is not another's."""
         if node in self.owner and self.owner[node] != adapter_id:

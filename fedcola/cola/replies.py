@@ -16,7 +16,7 @@ from flwr.app import Message
 
 from fedcola.cola import records
 from fedcola.fl import wire
-from fedcola.fl.screening import reply_problem
+from fedcola.fl.screening import outliers, reply_problem
 
 if TYPE_CHECKING:
     from strategies.cola import ColA
@@ -71,6 +71,30 @@ class ReplyCheck:
         if problem is None and "batch" in msg.content.array_records:
             problem = self.batches(msg, evaluation=False) if prefetching else "reply carries batches nobody asked for"
         return problem
+
+    def train_replies(self, server_round: int, replies) -> dict[int, Message]:
+        """The usable train replies by node: screened one by one (``train``, Green-ColA's ``importance``;
+        whatever raises is a skip), then a change whose norm exceeds ``max_update_ratio`` x the other
+        replies' median is skipped (``outliers``)."""
+        s = self.s
+        usable = {msg.metadata.src_node_id: msg for msg in replies
+                  if s.skips.guard(server_round, msg.metadata.src_node_id, lambda: self._usable(server_round, msg))}
+        norms = {n: s.book.change_norm(n, m.content.array_records["adapter"]) for n, m in usable.items()}
+        for node, median in outliers(norms, s.max_update_ratio).items():
+            s.skips.skip(server_round, node, f"auxiliary model change {norms[node]:.3g} exceeds {s.max_update_ratio:g} x the other replies' median {median:.3g}")
+            del usable[node]
+            if s.green is not None:
+                s.green.reports.pop(node, None)
+        return usable
+
+    def _usable(self, server_round: int, msg: Message) -> bool:
+        s, node = self.s, msg.metadata.src_node_id
+        problem = self.train(msg, node, s._connected, s._prefetch_step >= 0)
+        if problem is None and s.green is not None:
+            problem = self.importance(msg, node, s._layers or tuple(s.dims), s.green.reports)
+        if problem is not None:
+            s.skips.skip(server_round, node, problem)
+        return problem is None
 
     def importance(self, msg: Message, node: int, layers: tuple[str, ...], reports: dict[int, dict[str, float]]) -> str | None:
         """Keep a train reply's per-layer importance in ``reports`` (Green-ColA: a record naming each

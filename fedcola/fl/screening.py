@@ -170,12 +170,12 @@ def wait_for_nodes(grid, count: int, timeout: float, poll: float = 1.0) -> list[
 def outliers(norms: dict[int, float], ratio: float) -> dict[int, float]:
     """The replies whose update norm exceeds ``ratio`` x the median of the *other* replies' norms (a
     leave-one-out median, so that one attacker among two clients is caught too), with that median; none
-    with fewer than two replies or ``ratio`` <= 0 (off)."""
+    with fewer than two replies, where the others' median is 0, or with ``ratio`` <= 0 (off)."""
     if ratio <= 0 or len(norms) < 2:
         return {}
     out = {}
     for node, norm in norms.items():
         median = float(np.median([n for other, n in norms.items() if other != node]))
-        if not norm <= ratio * median:
+        if median > 0 and not norm <= ratio * median:  # the others did not move: nothing to judge by
             out[node] = median
     return out
