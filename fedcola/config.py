@@ -34,6 +34,8 @@ DEFAULTS: dict[str, Scalar] = {
     "round-timeout": 3600.0,
     "allow-empty-rounds": False,  # a round in which no client reply was accepted warns instead of failing the run
     "max-examples": 1_000_000,  # cap on a client reply's num-examples (its weight in example-weighted means); above: skipped
+    "fedavg.aggregation": "mean",  # FedAvg-LoRA's aggregate over the clients: mean (FedAvg), median or trimmed-mean (robust)
+    "fedavg.trim": 0.2,  # trimmed-mean: the share cut from each tail
     "max-update-ratio": 10.0,  # FedAvg-LoRA / sync LTE / ColA: a reply whose update norm exceeds this x the other replies' median is skipped (0 = off)
     "seed": 0,
     "local-steps": 20,
@@ -144,7 +146,8 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
         raise ConfigError(f"config key 'method': unknown method '{config['method']}', known: {', '.join(METHODS)}")
     choices = {"cola.mode": ("merged", "unmerged", "detached"), "cola.adapter": ("low-rank", "linear", "mlp"),
                "cola.wire-dtype": ("fp16", "fp32", "bf16"), "cola.weighting": ("equal", "examples"),
-               "lte.non-lora": ("frozen", "replicated")}
+               "lte.non-lora": ("frozen", "replicated"),
+               "fedavg.aggregation": ("mean", "median", "trimmed-mean")}
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}")
@@ -162,6 +165,8 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
         raise ConfigError(f"config key 'run-key' must be letters, digits, '_', '.', '-', got {config['run-key']!r}")
     if not all(r.isdigit() for r in names(config, "resumed-after")):
         raise ConfigError(f"config key 'resumed-after' must list round numbers (e.g. \"2,5\"), got {config['resumed-after']!r}")
+    if not 0.0 <= config["fedavg.trim"] < 0.5:
+        raise ConfigError(f"config key 'fedavg.trim' must be in [0, 0.5), got {config['fedavg.trim']}")
     for key in ("fraction-train", "green.rho", "cola.green-rho"):
         if not 0.0 < config[key] <= 1.0:
             raise ConfigError(f"config key '{key}' must be in (0, 1], got {config[key]}")

@@ -72,7 +72,8 @@ def run_fedavg_lora(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, res
     initial, done = (resume.tensors, resume.round) if resume else (fedavg_lora.trainable_state(model), 0)
     strategy = FedAvgLoRA(model, optimizer=specs.optimizer_spec(config), local_steps=config["local-steps"], seed=config["seed"],
                           fraction_train=config["fraction-train"], min_available_nodes=config["num-clients"],
-                          max_examples=config["max-examples"], max_update_ratio=config["max-update-ratio"], allow_empty_rounds=config["allow-empty-rounds"], ledger=ledger, round_offset=done)
+                          max_examples=config["max-examples"], max_update_ratio=config["max-update-ratio"],
+                          aggregation=config["fedavg.aggregation"], trim=config["fedavg.trim"], allow_empty_rounds=config["allow-empty-rounds"], ledger=ledger, round_offset=done)
     result = strategy.start(
         grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=config["rounds"] - done, timeout=config["round-timeout"],
         train_config=ConfigRecord(dict(config)), evaluate_fn=make_evaluate_fn(config, ledger, model, run_dir, done),

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
@@ -32,9 +33,15 @@ def trained_names(content: RecordDict, current: ArrayRecord) -> list[str]:
     return list(current.keys()) if record is None else list(record["names"])
 
 
-def per_tensor_fedavg(current: ArrayRecord, contents: list[RecordDict], weight_key: str = "num-examples") -> ArrayRecord:
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
+
+
+def per_tensor_fedavg(current: ArrayRecord, contents: list[RecordDict], weight_key: str = "num-examples", aggregation: str = "mean",
+                      trim: float = 0.2) -> ArrayRecord:
     """w_t <- sum_{k in S_t} n_k w_k,t / sum_{k in S_t} n_k, S_t = the clients that trained tensor t
-    (module docstring); a tensor no client trained keeps its current value."""
+    (module docstring); a tensor no client trained keeps its current value. ``aggregation`` = ``median``
+    (coordinate-wise, Yin et al. 2018) or ``trimmed-mean`` (``trim`` of each tail cut) replaces the mean
+    over S_t by Flower's robust aggregates (unweighted)."""
     trained = [set(trained_names(c, current)) for c in contents]
     weights = [float(c.metric_records["metrics"][weight_key]) for c in contents]
     out = {}
@@ -43,9 +50,13 @@ def per_tensor_fedavg(current: ArrayRecord, contents: list[RecordDict], weight_k
         if not mine:
             out[name] = value
             continue
-        total = sum(w for w, _ in mine)
-        mean = sum(w * a.astype(np.float64) for w, a in mine) / total
-        out[name] = Array(mean.astype(value.numpy().dtype))
+        if aggregation == "mean":
+            total = sum(w for w, _ in mine)
+            mean = sum(w * a.astype(np.float64) for w, a in mine) / total
+        else:
+            results = [([a.astype(np.float64)], w) for w, a in mine]
+            mean = (aggregate_median(results) if aggregation == "median" else aggregate_trimmed_avg(results, trim))[0]
+        out[name] = Array(np.asarray(mean).astype(value.numpy().dtype))
     return ArrayRecord(out)
 
 
@@ -63,12 +74,15 @@ class FedAvgLoRA(Screened, FedAvg):
     """
 
     def __init__(self, model: nn.Module | None = None, *args, optimizer: OptimizerSpec = OptimizerSpec(), local_steps: int = 10, seed: int = 0,
-                 max_examples: int = MAX_EXAMPLES, max_update_ratio: float = 10.0, allow_empty_rounds: bool = False, ledger: Ledger | None = None, round_offset: int = 0, **kwargs):
+                 max_examples: int = MAX_EXAMPLES, max_update_ratio: float = 10.0, aggregation: str = "mean", trim: float = 0.2, allow_empty_rounds: bool = False, ledger: Ledger | None = None, round_offset: int = 0, **kwargs):
         kwargs.setdefault("fraction_evaluate", 0.0)
         kwargs.setdefault("min_train_nodes", 1)
         kwargs.setdefault("min_available_nodes", 1)
         super().__init__(*args, **kwargs)
+        if aggregation not in AGGREGATIONS or not 0 <= trim < 0.5:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)} and trim in [0, 0.5), got {aggregation!r}, {trim}")
         self.model, self.max_examples, self.max_update_ratio = model, max_examples, max_update_ratio
+        self.aggregation, self.trim = aggregation, trim
         self.settings = {"local-steps": local_steps, "optimizer": optimizer.name, "lr": float(optimizer.lr),
                          "weight-decay": float(optimizer.weight_decay), "seed": seed}
         self.skips = Skips(ledger, allow_empty_rounds)
@@ -124,4 +138,5 @@ class FedAvgLoRA(Screened, FedAvg):
         if not kept:
             return None, None
         contents = [msg.content for msg in kept]
-        return per_tensor_fedavg(self._sent, contents, self.weighted_by_key), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        arrays = per_tensor_fedavg(self._sent, contents, self.weighted_by_key, self.aggregation, self.trim)
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)

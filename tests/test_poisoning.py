@@ -2,6 +2,7 @@
 huge but finite update is skipped (norm above max-update-ratio x the other replies' median): the
 global model stays the honest clients' aggregate."""
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -96,3 +97,25 @@ def test_cola_merged_huge_finite_adapter_is_skipped(cola_config, tmp_path):
     assert all(any(not torch.equal(v, torch.zeros_like(v)) for k, v in held[n].items() if k.endswith("/B")) for n in (1, 2))
     skipped = [s for r in ledger.rounds or [ledger._round] for s in r["skipped"]]
     assert len(skipped) == 2 and all(s["node_id"] == 3 and "auxiliary model change" in s["reason"] for s in skipped)
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
+def test_fedavg_lora_robust_aggregation_resists_a_byzantine_client(aggregation):
+    """Coordinate median / trimmed mean (Flower's aggregates, per tensor over the clients that trained
+    it): one client pushing every coordinate by +5 (under the norm bound's radar: ratio off) moves the
+    plain mean by 1, the robust aggregate by at most the honest clients' spread."""
+    from scipy import stats
+
+    honest = [_reply(n) for n in range(1, 5)]
+    byzantine = _reply(9)
+    byzantine.content.array_records["arrays"] = ArrayRecord({k: v + 5.0 for k, v in byzantine.content.array_records["arrays"].to_torch_state_dict().items()})
+    mean, _ = _aggregate(honest + [byzantine], max_update_ratio=0.0)
+    robust, _ = _aggregate(honest + [byzantine], max_update_ratio=0.0, aggregation=aggregation, trim=0.2)
+    values = {k: torch.stack([r.content.array_records["arrays"].to_torch_state_dict()[k] for r in honest]) for k in SENT.keys()}
+    for k in SENT.keys():
+        low, high = values[k].min(0).values, values[k].max(0).values
+        assert ((mean[k] - high) > 0.9).all()  # the plain mean is dragged out of the honest range
+        assert ((robust[k] >= low - 1e-6) & (robust[k] <= high + 1e-6)).all()  # the robust one stays within it
+        everyone = torch.stack([*values[k], byzantine.content.array_records["arrays"].to_torch_state_dict()[k]]).double().numpy()
+        want = np.median(everyone, axis=0) if aggregation == "median" else stats.trim_mean(everyone, 0.2, axis=0)
+        assert np.allclose(robust[k].numpy(), want, atol=1e-6)
