@@ -10,22 +10,20 @@ id, which is bound to the node at first contact (``AdapterBook.check_owner``).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 from flwr.app import Message
 
 from fedcola.cola import records
 from fedcola.fl import wire
 from fedcola.fl.screening import outliers, reply_problem
 
-if TYPE_CHECKING:
-    from strategies.cola import ColA
-
 FIT_METRICS = ("rows", "flops", "peak-memory-bytes", "wall-time-s", "partition-id")
 
 
 class ReplyCheck:
-    def __init__(self, strategy: ColA) -> None:
+    """The checks of one ColA strategy, reading its state: the adapter book, batch bounds, the
+    interval's layers, skips (``strategies.cola.ColA``: the method packages never import strategies)."""
+
+    def __init__(self, strategy) -> None:
         self.s = strategy
 
     def batches(self, msg: Message, evaluation: bool) -> str | None:
