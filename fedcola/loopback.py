@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import atexit
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,8 +86,26 @@ class Loopback:
         log = open(self.root / f"{name}.log", "ab")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=flwr_env(home), start_new_session=True)
         log.close()
+        if not self.procs:
+            self._stop_on_exit()
         self.procs[name] = proc
         return proc
+
+    def _stop_on_exit(self) -> None:
+        """Stop every process group also when the owner exits or is terminated (SIGTERM, e.g. a timeout),
+        not only through :meth:`stop`: the process groups outlive their parent otherwise."""
+        atexit.register(self.stop)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def terminated(signum, frame):
+            self.stop()
+            if callable(previous):
+                previous(signum, frame)
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, terminated)
 
     def _security(self, node: bool) -> list[str]:
         if self.tls is None:
@@ -126,8 +146,12 @@ class Loopback:
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            pass
+        try:  # whatever the group leader left behind (a flwr-serverapp that ignores SIGTERM)
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
 
     def stop(self) -> None:
         """Stop every process this federation started (SuperNodes first), by process-group id."""
