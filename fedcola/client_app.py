@@ -18,7 +18,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedcola import runtime, train
+from fedcola import runtime
 from fedcola.fl import state
 from fedcola import config as cfg
 
@@ -106,12 +106,8 @@ def lte_train(msg: Message, context: Context, config: dict) -> Message:
 
     node = runtime.node_options(context)
     part = runtime.client_split(config, node.partition_id, node.num_partitions)
-
-    def batches(rounds: int, count: int):
-        return train.cycle(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, rounds, node.partition_id)))
-
-    client = LTEClient(specs.lte_cached_model(config), batches, node.partition_id, examples=len(part), green_rho=node.green_rho,
-                       slowdown=specs.lte_slowdown(config, node))
+    client = LTEClient(specs.lte_cached_model(config), runtime.seeded_batches(config, part, node.partition_id), node.partition_id,
+                       examples=len(part), green_rho=node.green_rho, slowdown=specs.lte_slowdown(config, node))
     return client.train(msg, context)
 
 

@@ -102,6 +102,12 @@ def validation_loader(config: dict):
     return loader(config, val, shuffle=False, seed=0, batch_size=config["eval.batch-size"])
 
 
+def seeded_batches(config: dict, part, partition_id: int):
+    """A client's data as the library's callable ``(k, count) -> batches``: ``part`` shuffled by (seed, k,
+    partition) only and cycled (round k of fedcola's own LTE and FedAvg-LoRA clients)."""
+    return lambda k, count: train.cycle(loader(config, part, shuffle=True, seed=round_seed(config, k, partition_id)))
+
+
 def round_seed(config: dict, server_round: int, partition_id: int) -> int:
     """Shuffling seed of one client's round (``train.round_seed`` of the run's seed)."""
     return train.round_seed(config["seed"], server_round, partition_id)

@@ -18,7 +18,7 @@ from torch import nn
 from fedcola import models, runtime, train
 from fedcola.cola import records
 from fedcola.cola.adapters import Adapter, find_targets, layer_dims as module_dims
-from fedcola.cola.spec import AdapterSpec, ClientSpec
+from fedcola.cola.spec import AdapterSpec, ClientSpec, sends_changes
 from fedcola.config import names
 from fedcola.fl.ledger import Ledger
 from fedcola.green.cola import GreenColA
@@ -69,8 +69,9 @@ def load_adapters(path: Path, config: dict) -> dict[int | str, dict[str, Adapter
 
 def cola_client_spec(config: dict) -> ClientSpec:
     """The client spec a ColA strategy built from ``config`` sends (for tests and tools without a server)."""
-    return ClientSpec(layer_dims(config), adapter_spec(config), optimizer_spec(config), config["cola.interval"], config["cola.wire-dtype"],
-                      config["seed"], sends_changes=config["cola.mode"] == "merged" and config["cola.adapter"] == "linear")
+    adapter = adapter_spec(config)
+    return ClientSpec(layer_dims(config), adapter, optimizer_spec(config), config["cola.interval"], config["cola.wire-dtype"],
+                      config["seed"], sends_changes=sends_changes(config["cola.mode"], adapter))
 
 
 def cola_strategy(config: dict, model: nn.Module | None = None, ledger: Ledger | None = None):
@@ -213,19 +214,12 @@ def fedavg_client(config: dict, partition_id: int, num_partitions: int, rho: flo
     from fedcola.fedavg_lora.client import FedAvgLoRAClient
 
     part = runtime.client_split(config, partition_id, num_partitions)
-
-    def batches(server_round: int, count: int):
-        return train.cycle(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, server_round, partition_id)))
-
-    return FedAvgLoRAClient(fedavg_cached_model(config), batches, partition_id, examples=len(part), green_rho=rho)
+    return FedAvgLoRAClient(fedavg_cached_model(config), runtime.seeded_batches(config, part, partition_id), partition_id,
+                            examples=len(part), green_rho=rho)
 
 
 def fedavg_client_train(config: dict, state: dict, partition_id: int, num_partitions: int, server_round: int, rho: float = 1.0):
     """One local round of fedcola's own client (``fedavg_client``): (new state, stats, examples, GreenTrainer selection or None)."""
-    from fedcola.fedavg_lora.client import local_round
-
     client = fedavg_client(config, partition_id, num_partitions, rho)
-    seed = runtime.round_seed(config, server_round, partition_id)
-    new, stats, selection = local_round(client.model, state, client.data(server_round, config["local-steps"]), config["local-steps"],
-                                        optimizer_spec(config), seed, rho)
+    new, stats, selection = client.round(state, server_round, config["local-steps"], optimizer_spec(config), config["seed"])
     return new, stats, client.num_examples, selection

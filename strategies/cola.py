@@ -36,7 +36,7 @@ from fedcola.cola.book import AdapterBook
 from fedcola.cola.costs import RoundCosts
 from fedcola.cola.replies import ReplyCheck
 from fedcola.cola.server import ColaServer, Mode
-from fedcola.cola.spec import AdapterSpec, ClientSpec
+from fedcola.cola.spec import AdapterSpec, ClientSpec, sends_changes
 from fedcola.fl.ledger import Ledger
 from fedcola.fl import wire
 from fedcola.fl.screening import MAX_EXAMPLES, Screened, Skips, wait_for_nodes
@@ -87,7 +87,7 @@ class ColA(Screened, Strategy):
             raise ValueError(f"{adapter.kind} auxiliary models are not mergeable: use mode 'unmerged' or 'detached'")
         self.server = ColaServer(model, targets, mode=mode)
         self.dims = {name: layer_dims(m) for name, m in self.server.targets.items()}
-        self.spec = ClientSpec(self.dims, adapter, optimizer, interval, wire_dtype, seed, sends_changes=mode == "merged" and adapter.kind == "linear")
+        self.spec = ClientSpec(self.dims, adapter, optimizer, interval, wire_dtype, seed, sends_changes=sends_changes(mode, adapter))
         on_device = lambda ads: {k: a.to(self.server.device) for k, a in ads.items()}  # noqa: E731  (fp32, beside the model)
         self.book = AdapterBook(lambda: on_device(adapter.build(self.dims, seed=0)), use_mean=self.spec.sends_changes)
         config = getattr(model, "config", None)

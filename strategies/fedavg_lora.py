@@ -23,7 +23,7 @@ from torch import nn
 from fedcola.fedavg_lora.client import TRAINED, trainable_state
 from fedcola.fl.ledger import Ledger
 from fedcola.fl.wire import nbytes
-from fedcola.fl.screening import MAX_EXAMPLES, Screened, Skips, outliers, record_clients, screen
+from fedcola.fl.screening import MAX_EXAMPLES, Screened, Skips, record_clients, screen
 from fedcola.train import OptimizerSpec
 
 
@@ -123,9 +123,7 @@ class FedAvgLoRA(Screened, FedAvg):
             arrays = msg.content.array_records["arrays"]
             change = sum(float(((arrays[k].numpy().astype(np.float64) - sent[k]) ** 2).sum()) for k in trained_names(msg.content, self._sent))
             norms[msg.metadata.src_node_id] = change ** 0.5
-        far = outliers(norms, self.max_update_ratio)
-        for node, median in far.items():
-            self.skips.skip(server_round, node, f"update norm {norms[node]:.3g} exceeds {self.max_update_ratio:g} x the other replies' median {median:.3g}")
+        far = self.skips.drop_outliers(server_round, norms, self.max_update_ratio)
         return [m for m in kept if m.metadata.src_node_id not in far]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -31,7 +31,7 @@ from fedcola.lte.client import STATE_SPEC, delta_record, record_delta
 from fedcola.lte.heads import base_weights, frozen_parameters
 from fedcola.lte.spec import LTESpec
 from fedcola.fl.wire import nbytes
-from fedcola.fl.screening import MAX_EXAMPLES, Screened, Skips, metric_problem, outliers, record_clients, screen
+from fedcola.fl.screening import MAX_EXAMPLES, Screened, Skips, record_clients, reply_problem
 
 MESSAGE_TYPE = "train.lte"
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -150,18 +150,13 @@ class LTE(Screened, Strategy):
     # --- receiving -----------------------------------------------------------------------------
 
     def _delta(self, msg: Message) -> dict[str, Delta] | str:
-        """The reply's validated delta, or why it cannot be merged (client errors: ``{}``, left to ``screen``)."""
-        if msg.has_error():
-            return {}
+        """The validated delta of a reply that passed ``reply_problem``, or why it cannot be merged."""
         node = msg.metadata.src_node_id
         if node not in self.sent:
             return "reply from a node with no outstanding work"
         if "arrays" not in msg.content.array_records:
             return "reply has no 'arrays' ArrayRecord"
-        metrics = msg.content.metric_records.get("metrics", {})
-        problem = metric_problem(metrics, self.max_examples)
-        if problem is not None:
-            return problem
+        metrics = msg.content.metric_records["metrics"]
         if "base-version" not in metrics:
             return "reply metrics lack base-version"
         if int(metrics["base-version"]) != self.sent[node][0]:
@@ -180,10 +175,11 @@ class LTE(Screened, Strategy):
             node = msg.metadata.src_node_id
             if msg.has_error():  # it may not have applied what it was sent: full sync next time
                 self.sent.pop(node, None)
-            delta = self.skips.guard(server_round, node, lambda: self._delta(msg))
+            problem = reply_problem(msg, None, max_examples=self.max_examples)
+            delta = problem if problem is not None else self.skips.guard(server_round, node, lambda: self._delta(msg))
             if isinstance(delta, str):
                 self.skips.skip(server_round, node, delta)
-            elif delta is not None and screen(server_round, [msg], None, None, 0, self.skips, self.max_examples):
+            elif delta is not None:
                 kept.append((msg, delta))
         return kept
 
@@ -210,10 +206,7 @@ class LTE(Screened, Strategy):
             if m.has_error():
                 self.sent.pop(dst.get(m.metadata.reply_to_message_id), None)
         kept = self._screen(server_round, replies)
-        norms = {m.metadata.src_node_id: delta_norm(d) for m, d in kept}
-        far = outliers(norms, self.max_update_ratio)
-        for node, median in far.items():
-            self.skips.skip(server_round, node, f"delta norm {norms[node]:.3g} exceeds {self.max_update_ratio:g} x the other replies' median {median:.3g}")
+        far = self.skips.drop_outliers(server_round, {m.metadata.src_node_id: delta_norm(d) for m, d in kept}, self.max_update_ratio, "delta norm")
         kept = [(m, d) for m, d in kept if m.metadata.src_node_id not in far]
         self._record(server_round, kept)
         self.skips.accepted(len(kept))

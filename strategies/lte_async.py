@@ -64,7 +64,7 @@ class LTEAsync(LTE):
 
     def _delta(self, msg: Message) -> dict[str, Delta] | str:
         delta = super()._delta(msg)
-        if isinstance(delta, dict) and not msg.has_error():
+        if isinstance(delta, dict):
             staleness = self.version - self.sent[msg.metadata.src_node_id][0]
             if staleness > self.max_staleness:
                 return f"delta staleness {staleness} > max_staleness {self.max_staleness}; dropped"

@@ -14,7 +14,7 @@ from flwr.app import Message
 
 from fedcola.cola import records
 from fedcola.fl import wire
-from fedcola.fl.screening import outliers, reply_problem
+from fedcola.fl.screening import reply_problem
 
 FIT_METRICS = ("rows", "flops", "peak-memory-bytes", "wall-time-s", "partition-id")
 
@@ -73,13 +73,12 @@ class ReplyCheck:
     def train_replies(self, server_round: int, replies) -> dict[int, Message]:
         """The usable train replies by node: screened one by one (``train``, Green-ColA's ``importance``;
         whatever raises is a skip), then a change whose norm exceeds ``max_update_ratio`` x the other
-        replies' median is skipped (``outliers``)."""
+        replies' median is skipped (``Skips.drop_outliers``)."""
         s = self.s
         usable = {msg.metadata.src_node_id: msg for msg in replies
                   if s.skips.guard(server_round, msg.metadata.src_node_id, lambda: self._usable(server_round, msg))}
         norms = {n: s.book.change_norm(n, m.content.array_records["adapter"]) for n, m in usable.items()}
-        for node, median in outliers(norms, s.max_update_ratio).items():
-            s.skips.skip(server_round, node, f"auxiliary model change {norms[node]:.3g} exceeds {s.max_update_ratio:g} x the other replies' median {median:.3g}")
+        for node in s.skips.drop_outliers(server_round, norms, s.max_update_ratio, "auxiliary model change"):
             del usable[node]
             if s.green is not None:
                 s.green.reports.pop(node, None)

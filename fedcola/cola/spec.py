@@ -49,6 +49,12 @@ class AdapterSpec:
             torch.random.set_rng_state(generator_state)
 
 
+def sends_changes(mode: str, adapter: AdapterSpec) -> bool:
+    """Merged linear auxiliary models: the server keeps only their parameter mean, so a client's train
+    reply carries the change of its parameters (``fedcola.cola.server.ParameterMean``)."""
+    return mode == "merged" and adapter.kind == "linear"
+
+
 @dataclass(frozen=True)
 class ClientSpec:
     """Everything a ColA client needs from the server, sent once per run in a ``spec`` ConfigRecord:

@@ -72,17 +72,20 @@ class FedAvgLoRAClient:
         self.model, self.data, self.client_id, self.green_rho = model, train, int(client_id), green_rho
         self.num_examples = num_examples(train, examples)
 
+    def round(self, state: Mapping[str, torch.Tensor], server_round: int, steps: int, optimizer: training.OptimizerSpec,
+              seed: int) -> tuple[dict[str, torch.Tensor], training.StepStats, BudgetSelection | None]:
+        """``local_round`` on this client's batches of ``server_round``, torch seeded by (seed, round, client)."""
+        return local_round(self.model, state, round_batches(self.data, server_round, steps), steps, optimizer,
+                           training.round_seed(seed, server_round, self.client_id), self.green_rho)
+
     def train(self, msg: Message, context: Context) -> Message:
         config = msg.content.config_records["config"]
         missing = [k for k in (*SETTINGS, "server-round") if k not in config]
         if missing:
             raise ValueError(f"the server's config record lacks {', '.join(missing)}")
-        server_round, steps = int(config["server-round"]), int(config["local-steps"])
         optimizer = training.OptimizerSpec(str(config["optimizer"]), float(config["lr"]), float(config["weight-decay"]))
-        seed = training.round_seed(int(config["seed"]), server_round, self.client_id)
-        batches = round_batches(self.data, server_round, steps)
-        state, stats, selection = local_round(self.model, msg.content.array_records["arrays"].to_torch_state_dict(), batches, steps,
-                                              optimizer, seed, self.green_rho)
+        state, stats, selection = self.round(msg.content.array_records["arrays"].to_torch_state_dict(), int(config["server-round"]),
+                                             int(config["local-steps"]), optimizer, int(config["seed"]))
         metrics = MetricRecord({
             "num-examples": self.num_examples, "train-loss": float(stats.loss), "flops": int(stats.flops),
             "peak-memory-bytes": training.peak_memory_bytes(), "wall-time-s": float(stats.wall_time_s),

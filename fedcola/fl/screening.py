@@ -130,6 +130,14 @@ class Skips:
             self.skip(server_round, node, f"{type(err).__name__} while handling the reply: {str(err)[:200]}")
             return None
 
+    def drop_outliers(self, server_round: int, norms: dict[int, float], ratio: float, what: str = "update norm") -> set[int]:
+        """Skip (logged, with the figures) the replies whose ``what`` exceeds ``ratio`` x the other
+        replies' median (``outliers``); returns their nodes."""
+        far = outliers(norms, ratio)
+        for node, median in far.items():
+            self.skip(server_round, node, f"{what} {norms[node]:.3g} exceeds {ratio:g} x the other replies' median {median:.3g}")
+        return set(far)
+
     def accepted(self, count: int) -> None:
         self.kept += count
 
