@@ -21,7 +21,7 @@ persists across rounds on a SuperNode and in simulation.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -32,7 +32,7 @@ from fedcola.cola import gl
 from fedcola.cola import records
 from fedcola.cola.spec import ClientSpec
 from fedcola.fl import wire
-from fedcola.fl.batches import Batch, TrainData, interval_batches, num_examples
+from fedcola.fl.batches import Batch, TrainData, held, interval_batches, num_examples
 
 SPEC, ADAPTERS, OPTIMIZER, ACKED = "cola.spec", "cola.adapters", "cola.optimizer", "cola.acked"
 
@@ -49,7 +49,7 @@ class ColaClient:
 
     def __init__(self, adapter_id: int, train: TrainData, *, validation: Iterable[Batch] | None = None, examples: int | None = None) -> None:
         self.adapter_id = int(adapter_id)
-        self.data = train if callable(train) or isinstance(train, Sequence) else list(train)
+        self.data = held(train)
         self.validation = validation
         self.num_examples = num_examples(self.data, examples)  # the server's `examples` weighting
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from fedcola import train as training
 from fedcola.green.select import BudgetSelection, train_under_budget
-from fedcola.fl.batches import TrainData, num_examples, round_batches
+from fedcola.fl.batches import TrainData, held, num_examples, round_batches
 
 TRAINED = "trained"  # reply ConfigRecord: {"names": the tensors this client trained this round}
 SETTINGS = ("local-steps", "optimizer", "lr", "weight-decay", "seed")  # what the server's config record must carry
@@ -69,8 +69,8 @@ class FedAvgLoRAClient:
     ``client_id`` (partition id) and FLOPs budget ``green_rho``."""
 
     def __init__(self, model: nn.Module, train: TrainData, client_id: int, *, examples: int | None = None, green_rho: float = 1.0) -> None:
-        self.model, self.data, self.client_id, self.green_rho = model, train, int(client_id), green_rho
-        self.num_examples = num_examples(train, examples)
+        self.model, self.data, self.client_id, self.green_rho = model, held(train), int(client_id), green_rho
+        self.num_examples = num_examples(self.data, examples)
 
     def round(self, state: Mapping[str, torch.Tensor], server_round: int, steps: int, optimizer: training.OptimizerSpec,
               seed: int) -> tuple[dict[str, torch.Tensor], training.StepStats, BudgetSelection | None]:

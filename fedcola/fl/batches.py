@@ -13,8 +13,14 @@ Batch = Mapping[str, torch.Tensor]
 TrainData = Iterable[Batch] | Callable[[int, int], Iterable[Batch]]
 
 
+def held(data: TrainData) -> TrainData:
+    """``data`` as a client keeps it: a callable as is, an iterable read once into a list (a generator or a
+    DataLoader is then read the same way by every interval, round and example count)."""
+    return data if callable(data) or isinstance(data, Sequence) else list(data)
+
+
 def _items(data: Iterable[Batch]) -> Sequence[Batch]:
-    items = data if isinstance(data, Sequence) else list(data)
+    items = held(data)
     if not items:
         raise ValueError("this client has no training batches")
     return items

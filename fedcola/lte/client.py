@@ -39,7 +39,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedcola import train as training
-from fedcola.fl.batches import TrainData, num_examples, round_batches
+from fedcola.fl.batches import TrainData, held, num_examples, round_batches
 from fedcola.green.select import train_under_budget
 from fedcola.lte.heads import apply_merged_update, head_delta, head_parameters, reset_heads, set_base_weights
 from fedcola.lte.merge import Delta, InvalidDeltaError
@@ -140,8 +140,8 @@ class LTEClient:
 
     def __init__(self, model: nn.Module, train: TrainData, client_id: int, *, examples: int | None = None,
                  green_rho: float = 1.0, slowdown: float = 1.0) -> None:
-        self.model, self.data, self.client_id = model, train, int(client_id)
-        self.num_examples = num_examples(train, examples)
+        self.model, self.data, self.client_id = model, held(train), int(client_id)
+        self.num_examples = num_examples(self.data, examples)
         self.green_rho, self.slowdown = green_rho, slowdown
 
     def train(self, msg: Message, context: Context) -> Message:
