@@ -7,8 +7,9 @@
     fedcola show runs/<run>
     fedcola export runs/<run>
 
-Bad input (a missing file, an unknown key, a wrong type, an unknown model or dataset) ends with one
-line on stderr and exit status 2, before any simulation starts.
+Bad input (a missing file, an unknown key, a wrong type, an unknown model or dataset, texts longer
+than the model's positions) ends with one line on stderr and exit status 2, before any simulation
+starts; a runtime failure (a full disk, a run that failed) with one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from fedcola import config as cfg
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 
 
 def _env_defaults() -> None:
@@ -35,8 +39,22 @@ def _env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def loopback_ray(init_args: dict) -> dict:
+    """Ray ``init_args`` (and environment) under which every Ray process of a local simulation listens on
+    127.0.0.1 only. Ray's servers (GCS, raylet, core workers and the driver, runtime-env/dashboard agents) bind
+    127.0.0.1 only when the node IP is exactly "127.0.0.1", else 0.0.0.0 (gRPC: [::]); ``ray.init`` turns
+    ``_node_ip_address="127.0.0.1"`` into the host's routable IP unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is
+    off (``services.resolve_ip_for_localhost`` -> ``get_node_ip_address``), a constant read when ray is imported."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # ray was imported before the variable was set
+        constants.ENABLE_RAY_CLUSTER = False
+    return {**init_args, "_node_ip_address": "127.0.0.1", "include_dashboard": False}
+
+
 def preflight(config: dict) -> None:
-    """Fail fast, in one line, on an unknown model or dataset or an impossible partitioning."""
+    """Fail fast, in one line, on an unknown model or dataset, an impossible partitioning or a
+    ``data.max-length`` beyond the model's positions."""
     from fedcola import data, models, runtime
 
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a file it cannot read is our one-line error, not its log
@@ -53,12 +71,33 @@ def preflight(config: dict) -> None:
             raise ValueError(f"dataset '{config['dataset']}' has no label column '{config['data.label-column']}' (columns: {columns}); set data.label-column")
         if getattr(label, "num_classes", 2) < 2:
             raise ValueError(f"dataset '{config['dataset']}' has one class ({', '.join(label.names)}): classification needs at least two")
+    if config["task"] != "image-classification" and config["model"] not in models.FROM_SCRATCH:  # from scratch: max_len = max-length
+        positions = model_positions(config["model"], config["task"])
+        if positions is not None and config["data.max-length"] > positions:
+            raise ValueError(f"data.max-length={config['data.max-length']} is longer than model '{config['model']}' can read "
+                             f"(max_position_embeddings={positions}); set data.max-length <= {positions}")
     try:  # the run directory's parent must be writable before any client starts
         out = Path(config["out-dir"])
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as err:
+        if err.errno in data.DISK_FULL:
+            raise  # a full disk is a runtime failure (exit 1), not a bad path
         raise ValueError(f"out-dir '{config['out-dir']}' is not writable: {err.strerror or err}") from None
+
+
+def model_positions(name: str, task: str) -> int | None:
+    """The longest token sequence the model can read (``max_position_embeddings`` of its config, read
+    through ``models.skeleton``: no weights); None when its config names no limit."""
+    from fedcola import data, models
+
+    try:
+        skeleton = models.skeleton(name, task)
+    except (OSError, ValueError) as err:  # a folder that holds no model, a hub id that cannot be reached
+        if isinstance(err, OSError) and err.errno in data.DISK_FULL:
+            raise
+        raise models.UnknownModelError(f"cannot load model '{name}' ({models.resolve(name)}): {first_line(str(err))}") from None
+    return getattr(skeleton.config, "max_position_embeddings", None)
 
 
 def _watch(ledger_path: Path, rounds: int, stop: threading.Event, task_metric: str) -> None:
@@ -112,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = run_dir or server_app.new_run_dir(config)
     if not config["client.state-dir"]:  # the virtual clients' state, kept for a resume (fedcola.fl.state)
         config = config | {"client.state-dir": str((run_dir / "client-state").resolve())}
+    if args.resume:  # a new simulation draws new node ids: its virtual clients claim their adapter ids anew
+        config = config | {"cola.identity": "claim"}
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     stop = threading.Event()
@@ -121,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         flwr.simulation.run_simulation(
             server_app=server_app.make_app(config, run_dir), client_app=client_app.app, num_supernodes=config["num-clients"],
             backend_config={"client_resources": {"num_cpus": config["client.num-cpus"], "num_gpus": 0.0},
-                            "init_args": {"num_cpus": max(os.cpu_count() or 1, config["client.num-cpus"])}},
+                            "init_args": loopback_ray({"num_cpus": max(os.cpu_count() or 1, config["client.num-cpus"])})},
             verbose_logging=args.verbose,
         )
     finally:
@@ -223,14 +264,41 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+_OS_ERROR = re.compile(r"\[Errno (\d+)\]|\(os error (\d+)\)")  # Python's and Rust's (safetensors) OS errors in a message
+
+
+def first_line(text: str, limit: int | None = None) -> str:
+    """The first non-empty line of ``text`` without terminal colours (at most ``limit`` characters)."""
+    line = next((line.strip() for line in _COLOURS.sub("", text).splitlines() if line.strip()), "")
+    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
+
+
+def failure_reason(err: BaseException) -> str:
+    """A runtime failure in one line. An OSError: its reason and file ("No space left on device:
+    <path>"). Anything else: its type and first line, led by the OS error its text names, if any (a
+    client's full disk arrives inside the skip reasons of ``NoReplyAccepted``, a Rust writer's as
+    "(os error 28)")."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    reason = f"{type(err).__name__}: {first_line(str(err), 200)}".rstrip(": ")
+    found = _OS_ERROR.search(_COLOURS.sub("", str(err)))
+    return f"{os.strerror(int(found.group(1) or found.group(2)))} ({reason})" if found else reason
+
+
 def main(argv: list[str] | None = None) -> int:
     _env_defaults()
     args = parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:  # ConfigError, unknown model / dataset, bad partitioning
-        print(f"fedcola: error: {err}", file=sys.stderr)
+        print(f"fedcola: error: {first_line(str(err))}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as err:  # a runtime failure (a full disk, a failed run): one line; the ledger keeps what was saved
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        print(f"fedcola: {args.command} failed: {failure_reason(err)}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

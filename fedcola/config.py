@@ -55,12 +55,15 @@ DEFAULTS: dict[str, Scalar] = {
     "cola.weighting": "equal",
     "cola.green-rho": 1.0,
     "cola.green-every": 1,
+    "cola.identity": "node",
     "lte.r": 8,
     "lte.alpha": 16.0,
     "lte.targets": "",
     "lte.non-lora": "frozen",
     "lte.reset": False,
     "lte.weighted": False,
+    "lte.aggregation": "mean",  # sync LTE's merge over the clients' deltas: mean (the paper), median or trimmed-mean (robust)
+    "lte.trim": 0.2,  # trimmed-mean: the share cut from each tail
     "lte.async": False,
     "lte.staleness-exponent": 0.5,
     "lte.max-staleness": 10,
@@ -146,8 +149,9 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
         raise ConfigError(f"config key 'method': unknown method '{config['method']}', known: {', '.join(METHODS)}")
     choices = {"cola.mode": ("merged", "unmerged", "detached"), "cola.adapter": ("low-rank", "linear", "mlp"),
                "cola.wire-dtype": ("fp16", "fp32", "bf16"), "cola.weighting": ("equal", "examples"),
+               "cola.identity": ("node", "claim"),
                "lte.non-lora": ("frozen", "replicated"),
-               "fedavg.aggregation": ("mean", "median", "trimmed-mean")}
+               "fedavg.aggregation": ("mean", "median", "trimmed-mean"), "lte.aggregation": ("mean", "median", "trimmed-mean")}
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}")
@@ -165,8 +169,11 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
         raise ConfigError(f"config key 'run-key' must be letters, digits, '_', '.', '-', got {config['run-key']!r}")
     if not all(r.isdigit() for r in names(config, "resumed-after")):
         raise ConfigError(f"config key 'resumed-after' must list round numbers (e.g. \"2,5\"), got {config['resumed-after']!r}")
-    if not 0.0 <= config["fedavg.trim"] < 0.5:
-        raise ConfigError(f"config key 'fedavg.trim' must be in [0, 0.5), got {config['fedavg.trim']}")
+    if config["lte.async"] and config["lte.aggregation"] != "mean":
+        raise ConfigError("config key 'lte.aggregation': async LTE merges one delta at a time (no median to take); use it with lte.async = false")
+    for key in ("fedavg.trim", "lte.trim"):
+        if not 0.0 <= config[key] < 0.5:
+            raise ConfigError(f"config key '{key}' must be in [0, 0.5), got {config[key]}")
     for key in ("fraction-train", "green.rho", "cola.green-rho"):
         if not 0.0 < config[key] <= 1.0:
             raise ConfigError(f"config key '{key}' must be in (0, 1], got {config[key]}")

@@ -14,6 +14,7 @@ columns ``text`` + ``label`` (classification), ``text`` (causal LM) or ``pixel_v
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import importlib.util
 import functools
@@ -25,6 +26,7 @@ import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict
 from datasets.exceptions import DatasetGenerationError
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a write failed for lack of space: a runtime failure, not bad input
 NAMED = ("rotten_tomatoes", "bbc_news", "hamlet", "digits", "fashion_mnist")
 PARTITIONINGS = ("iid", "dirichlet:<alpha>", "natural:<column>")
 FASHION_MNIST_DIR = Path("/usr/share/dataset-fashion-mnist")
@@ -147,13 +149,18 @@ def load_raw(name: str, block_chars: int = 256) -> Dataset:
 
 def load_columns(name: str, block_chars: int = 256, text_column: str = "text", label_column: str = "label") -> Dataset:
     """All examples of a dataset, unsplit, its columns renamed to ``text`` and ``label``; a file that
-    cannot be read (empty, not UTF-8, not CSV / JSON) is an ``UnknownDatasetError`` naming its root cause."""
+    cannot be read (empty, not UTF-8, not CSV / JSON) is an ``UnknownDatasetError`` naming its root cause,
+    a full disk under datasets' cache an OSError (ENOSPC / EDQUOT: a runtime failure, not bad input)."""
     try:
         ds = load_raw(name, block_chars)
     except (DatasetGenerationError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         cause = err
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL:  # datasets' cache could not be written: not the file's fault
+            import datasets
+
+            raise OSError(cause.errno, cause.strerror, cause.filename or str(datasets.config.HF_DATASETS_CACHE)) from err
         raise UnknownDatasetError(f"cannot read dataset '{name}': {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
     renames = {c: t for c, t in ((text_column, "text"), (label_column, "label")) if c != t and c in ds.column_names}
     ds = ds.rename_columns(renames) if renames else ds

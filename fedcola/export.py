@@ -32,11 +32,16 @@ adapted layer inside a head module is folded into that copy). ``adapter_config.j
 base model as the user gave it (``config["model"]``: an embedded name such as ``minilm``, a local
 path or a hub id), not a path inside the exporting environment, and lists each ``modules_to_save``
 entry once (peft appends its classification head names to the ones it is given).
+
+Each folder is written beside its place and moved in when complete (``write_folder``): a failed export
+(a full disk) leaves no partial or temporary folder and keeps an earlier export of that folder.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+import os
+import shutil
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -49,6 +54,32 @@ from fedcola.fedavg_lora import client as fedavg_lora
 from fedcola.fl.ledger import load as load_ledger
 
 HEADS = ("classifier", "score")
+
+
+def write_folder(out: Path, save: Callable[[Path], object]) -> Path:
+    """``save(folder)`` into a temporary folder ``.<name>.tmp<pid>`` beside ``out``, then moved into place
+    (an earlier export of ``out`` is replaced only then): a failure (a full disk) leaves no partial folder
+    and no temporary folder, keeps an earlier export of ``out`` as it was, and raises."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (out.with_name(f".{out.name}.{tag}{os.getpid()}") for tag in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp)
+        if out.exists():
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def client_folder(key: Hashable) -> str:
@@ -99,8 +130,8 @@ def export_peft_adapter(config: dict, adapter_sets: Mapping[Hashable, Mapping[st
         for (head, param), value in head_weights.items():
             params[f"base_model.model.{head}.modules_to_save.default.{param}"].copy_(value)
     _tidy_adapter_config(peft_model, config)
-    peft_model.save_pretrained(out, save_embedding_layers=False)  # no embedding is adapted: no look-up of the base model
-    return out
+    # no embedding is adapted: no look-up of the base model
+    return write_folder(out, lambda folder: peft_model.save_pretrained(folder, save_embedding_layers=False))
 
 
 def export_transformers(config: dict, adapter_sets: Mapping[Hashable, Mapping[str, Adapter]], out: Path) -> Path:
@@ -110,10 +141,13 @@ def export_transformers(config: dict, adapter_sets: Mapping[Hashable, Mapping[st
     with torch.no_grad():
         for name, value in server.merged_weights(adapter_sets).items():
             base.get_parameter(name).copy_(value)
-    base.save_pretrained(out)
-    if config["task"] != "image-classification":
-        models.load_tokenizer(config["model"]).save_pretrained(out)
-    return out
+
+    def save(folder: Path) -> None:
+        base.save_pretrained(folder)
+        if config["task"] != "image-classification":
+            models.load_tokenizer(config["model"]).save_pretrained(folder)
+
+    return write_folder(out, save)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -127,8 +161,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[P
         model = specs.fedavg_model(config)
         fedavg_lora.load_trainable(model, load_file(str(run_dir / "final.safetensors")))
         _tidy_adapter_config(model, config)
-        model.save_pretrained(out / "peft" / "global", save_embedding_layers=False)
-        return [out / "peft" / "global"]
+        return [write_folder(out / "peft" / "global", lambda folder: model.save_pretrained(folder, save_embedding_layers=False))]
     if config["method"] != "cola":
         raise ValueError(f"fedcola export writes ColA and FedAvg-LoRA runs; this run's method is {config['method']!r}")
     per_client = specs.load_adapters(run_dir / "final.safetensors", config)

@@ -2,6 +2,10 @@
 loopback ports, optionally with TLS (a CA and a server certificate made with openssl) and SuperNode
 authentication (ECDSA keys made with ssh-keygen, registered with ``flwr supernode register``).
 
+With a ``gateway`` (TLS only), the SuperLink's one port (Fleet, Control and runtime APIs) stays
+private and the SuperNodes connect to ``fedcola.gateway``, which forwards the Fleet routes alone:
+``edge`` is then the flwr CLI config of a machine holding only ``ca.crt`` and the public address.
+
 Used by the deployment tests and ``simulations/deploy_bench.py``; docs/deploy.md shows the same
 commands for several machines. Every process is started in its own session and stopped by its
 process-group id (``stop``), so nothing outlives the federation, also when a test fails.
@@ -67,17 +71,27 @@ class Loopback:
     """A SuperLink on ``127.0.0.1:<port>`` and SuperNodes started by :meth:`add_node`; ``connection``
     is the FLWR_HOME config.toml entry that ``flwr`` uses to reach it (federation ``name``)."""
 
-    def __init__(self, root: Path, tls: dict[str, Path] | None = None, auth: bool = False, name: str = "loopback"):
-        if auth and tls is None:
-            raise ValueError("SuperNode authentication needs TLS")
+    def __init__(self, root: Path, tls: dict[str, Path] | None = None, auth: bool = False, name: str = "loopback", gateway: bool = False):
+        if (auth or gateway) and tls is None:
+            raise ValueError("SuperNode authentication and the Fleet gateway need TLS")
         self.root, self.tls, self.auth, self.name = Path(root), tls, auth, name
         self.port = free_port()
+        self.gateway_port = free_port() if gateway else None
         self.procs: dict[str, subprocess.Popen] = {}
-        self.cli_home = self.root / "cli-home"
-        self.cli_home.mkdir(parents=True, exist_ok=True)
-        security = f'root-certificates = "{tls["ca"]}"' if tls else "insecure = true"
-        (self.cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{self.port}"\n{security}\n')
+        self.cli_home, self.edge = self.root / "cli-home", self.root / "edge-home"
+        self._cli_config(self.cli_home, self.port)
+        self._cli_config(self.edge, self.fleet_port)
+
+    @property
+    def fleet_port(self) -> int:
+        """The port SuperNodes (and any edge machine) connect to: the gateway's, or the SuperLink's own."""
+        return self.gateway_port or self.port
+
+    def _cli_config(self, home: Path, port: int) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        security = f'root-certificates = "{self.tls["ca"]}"' if self.tls else "insecure = true"
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.name}"\n\n[superlink.{self.name}]\naddress = "127.0.0.1:{port}"\n{security}\n')
 
     # --- processes ----------------------------------------------------------------------------
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
@@ -115,25 +129,34 @@ class Loopback:
         return ["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"]), "--ssl-keyfile", str(self.tls["key"])]
 
     def start(self, timeout: float = 60) -> Loopback:
-        """Start the SuperLink and wait until its port accepts connections."""
+        """Start the SuperLink (and the gateway) and wait until their ports accept connections."""
         auth = ["--enable-supernode-auth"] if self.auth else []
         self._start("superlink", ["flower-superlink", *self._security(node=False), *auth, "--host", "127.0.0.1", "--port", str(self.port),
                                   "--disable-runtime-dependency-installation"])
+        self._wait_for("superlink", self.port, timeout)
+        if self.gateway_port:
+            self._start("gateway", [sys.executable, "-m", "fedcola.gateway", "--listen", f"127.0.0.1:{self.gateway_port}",
+                                    "--superlink", f"127.0.0.1:{self.port}", "--superlink-ca", str(self.tls["ca"]),
+                                    "--ssl-certfile", str(self.tls["cert"]), "--ssl-keyfile", str(self.tls["key"])])
+            self._wait_for("gateway", self.gateway_port, timeout)
+        return self
+
+    def _wait_for(self, name: str, port: int, timeout: float) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if self.procs["superlink"].poll() is not None:
-                raise RuntimeError(f"the SuperLink exited with {self.procs['superlink'].returncode}: {self.log('superlink')[-2000:]}")
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"the {name} exited with {self.procs[name].returncode}: {self.log(name)[-2000:]}")
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
             time.sleep(0.2)
-        raise TimeoutError(f"the SuperLink did not open port {self.port} within {timeout} s")
+        raise TimeoutError(f"the {name} did not open port {port} within {timeout} s")
 
     def add_node(self, name: str, node_config: dict, key: Path | None = None) -> subprocess.Popen:
         """Start a SuperNode (its own Runtime API port) with ``node_config`` and, with authentication, its private ``key``."""
         config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in node_config.items())
         auth = ["--auth-supernode-private-key", str(key)] if key is not None else []
-        return self._start(name, ["flower-supernode", *self._security(node=True), "--superlink", f"127.0.0.1:{self.port}",
+        return self._start(name, ["flower-supernode", *self._security(node=True), "--superlink", f"127.0.0.1:{self.fleet_port}",
                                   "--port", str(free_port()), "--node-config", config, *auth])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -162,9 +185,12 @@ class Loopback:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
     # --- flwr CLI -----------------------------------------------------------------------------
-    def flwr(self, *args: str, cwd: Path | None = None, timeout: float = 120) -> dict:
-        """``flwr <args> --format json`` against this SuperLink; the parsed JSON (``success`` false: RuntimeError)."""
-        proc = subprocess.run(["flwr", *args, "--format", "json"], cwd=cwd, env=flwr_env(self.cli_home), capture_output=True, text=True, timeout=timeout)
+    def flwr(self, *args: str, cwd: Path | None = None, timeout: float = 120, home: Path | None = None) -> dict:
+        """``flwr <args> --format json`` against this SuperLink (from ``home``: the operator's
+        ``cli_home`` by default, ``edge`` for a machine that reaches only the Fleet port); the parsed
+        JSON (``success`` false: RuntimeError)."""
+        proc = subprocess.run(["flwr", *args, "--format", "json"], cwd=cwd, env=flwr_env(home or self.cli_home), capture_output=True, text=True,
+                              timeout=timeout)
         out = proc.stdout
         try:
             result = json.loads(out[out.index("{"):])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from rich.table import Table
 
+from fedcola.fl.ledger import atomic_write_bytes
 from fedcola.train import metric_name
 
 
@@ -38,8 +40,10 @@ def plot(ledger: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())
     return path
 
 

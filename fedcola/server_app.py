@@ -16,7 +16,6 @@ import torch
 from datasets import concatenate_datasets
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import save_file
 
 from fedcola import config as cfg
 from fedcola import report, runtime, specs, train
@@ -78,7 +77,7 @@ def run_fedavg_lora(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, res
         grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=config["rounds"] - done, timeout=config["round-timeout"],
         train_config=ConfigRecord(dict(config)), evaluate_fn=make_evaluate_fn(config, ledger, model, run_dir, done),
     )
-    save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
+    checkpoint.atomic_save_file(result.arrays.to_torch_state_dict(), run_dir / "final.safetensors")
 
 
 def run_cola(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: checkpoint.Checkpoint | None) -> None:
@@ -128,7 +127,7 @@ def run_lte(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: che
     result = strategy.start(grid=grid, initial_arrays=weights, num_rounds=config["rounds"] - done, timeout=config["round-timeout"],
                             train_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_fn)
     ledger.data["summary"]["train_wall_time_s"] = time.perf_counter() - t0
-    save_file({k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}, str(run_dir / "final.safetensors"))
+    checkpoint.atomic_save_file(result.arrays.to_torch_state_dict(), run_dir / "final.safetensors")
 
 
 def resumed_config(run_dir: str | Path, rounds: int | None = None) -> dict:
@@ -167,7 +166,7 @@ def run_centralized(config: dict, run_dir: Path) -> Ledger:
                             "flops": stats.flops, "peak_memory_bytes": train.peak_memory_bytes(), "wall_time_s": stats.wall_time_s})
         _record_eval(ledger, rnd, lambda: train.evaluate(model, loader, config["task"]))
     ledger.data["summary"]["train_wall_time_s"] = time.perf_counter() - t0
-    save_file({k: p.detach().contiguous() for k, p in model.named_parameters()}, str(run_dir / "final.safetensors"))
+    checkpoint.atomic_save_file(dict(model.named_parameters()), run_dir / "final.safetensors")
     last = ledger.rounds[-1]["server"]
     ledger.finish("completed", **{k: last[k] for k in ("loss", train.metric_name(config["task"])) if k in last})
     return ledger

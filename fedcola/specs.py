@@ -85,7 +85,7 @@ def cola_strategy(config: dict, model: nn.Module | None = None, ledger: Ledger |
         max_length=config["data.max-length"], eval_examples=config["eval.client-max-examples"], wire_dtype=config["cola.wire-dtype"],
         weighting=config["cola.weighting"], seed=config["seed"], green=GreenColA(config["cola.green-rho"], config["cola.green-every"]),
         max_examples=config["max-examples"], max_update_ratio=config["max-update-ratio"], allow_empty_rounds=config["allow-empty-rounds"],
-        ledger=ledger,
+        identity=config["cola.identity"], ledger=ledger,
     )
 
 
@@ -170,7 +170,7 @@ def lte_strategy(config: dict, ledger: Ledger | None = None):
         strategy = LTEAsync(model, spec, staleness_exponent=config["lte.staleness-exponent"], max_staleness=config["lte.max-staleness"],
                             mix=config["lte.async-mix"] or None, **common)
     else:
-        strategy = LTE(model, spec, **common)
+        strategy = LTE(model, spec, aggregation=config["lte.aggregation"], trim=config["lte.trim"], **common)
     return strategy, ArrayRecord(strategy.W)
 
 

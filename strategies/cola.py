@@ -55,7 +55,9 @@ class ColA(Screened, Strategy):
     model's positions); ``eval_examples`` is the number of local validation examples a client sends
     for client-side evaluation; ``weighting`` = ``equal`` or ``examples`` (merge weights a_k);
     ``allow_empty_rounds`` lets a round in which no reply was accepted pass (a loud warning and a
-    ledger status) instead of failing the run."""
+    ledger status) instead of failing the run; ``identity`` = ``node`` (an adapter id stays with the
+    node that first claimed it, also across a resume: use with SuperNode authentication) or ``claim``
+    (a node may take over the id of a node that is gone: ``fedcola.cola.book``)."""
 
     def __init__(
         self,
@@ -79,6 +81,7 @@ class ColA(Screened, Strategy):
         max_examples: int = MAX_EXAMPLES,
         max_update_ratio: float = 10.0,
         allow_empty_rounds: bool = False,
+        identity: str = "node",
         ledger: Ledger | None = None,
     ) -> None:
         if weighting not in ("equal", "examples"):
@@ -89,7 +92,7 @@ class ColA(Screened, Strategy):
         self.dims = {name: layer_dims(m) for name, m in self.server.targets.items()}
         self.spec = ClientSpec(self.dims, adapter, optimizer, interval, wire_dtype, seed, sends_changes=sends_changes(mode, adapter))
         on_device = lambda ads: {k: a.to(self.server.device) for k, a in ads.items()}  # noqa: E731  (fp32, beside the model)
-        self.book = AdapterBook(lambda: on_device(adapter.build(self.dims, seed=0)), use_mean=self.spec.sends_changes)
+        self.book = AdapterBook(lambda: on_device(adapter.build(self.dims, seed=0)), use_mean=self.spec.sends_changes, identity=identity)
         config = getattr(model, "config", None)
         self.task = "causal-lm" if model.get_output_embeddings() is not None else "classification"
         self.vocab_size = model.get_input_embeddings().num_embeddings

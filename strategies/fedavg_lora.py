@@ -16,12 +16,12 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fedcola.fedavg_lora.client import TRAINED, trainable_state
 from fedcola.fl.ledger import Ledger
+from fedcola.fl.robust import check_aggregation, robust_mean
 from fedcola.fl.wire import nbytes
 from fedcola.fl.screening import MAX_EXAMPLES, Screened, Skips, record_clients, screen
 from fedcola.train import OptimizerSpec
@@ -33,7 +33,6 @@ def trained_names(content: RecordDict, current: ArrayRecord) -> list[str]:
     return list(current.keys()) if record is None else list(record["names"])
 
 
-AGGREGATIONS = ("mean", "median", "trimmed-mean")
 
 
 def per_tensor_fedavg(current: ArrayRecord, contents: list[RecordDict], weight_key: str = "num-examples", aggregation: str = "mean",
@@ -54,8 +53,7 @@ def per_tensor_fedavg(current: ArrayRecord, contents: list[RecordDict], weight_k
             total = sum(w for w, _ in mine)
             mean = sum(w * a.astype(np.float64) for w, a in mine) / total
         else:
-            results = [([a.astype(np.float64)], w) for w, a in mine]
-            mean = (aggregate_median(results) if aggregation == "median" else aggregate_trimmed_avg(results, trim))[0]
+            mean = robust_mean([a for _, a in mine], aggregation, trim)
         out[name] = Array(np.asarray(mean).astype(value.numpy().dtype))
     return ArrayRecord(out)
 
@@ -79,8 +77,7 @@ class FedAvgLoRA(Screened, FedAvg):
         kwargs.setdefault("min_train_nodes", 1)
         kwargs.setdefault("min_available_nodes", 1)
         super().__init__(*args, **kwargs)
-        if aggregation not in AGGREGATIONS or not 0 <= trim < 0.5:
-            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)} and trim in [0, 0.5), got {aggregation!r}, {trim}")
+        check_aggregation(aggregation, trim)
         self.model, self.max_examples, self.max_update_ratio = model, max_examples, max_update_ratio
         self.aggregation, self.trim = aggregation, trim
         self.settings = {"local-steps": local_steps, "optimizer": optimizer.name, "lr": float(optimizer.lr),

@@ -26,7 +26,8 @@ from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor, nn
 
 from fedcola.fl.ledger import Ledger
-from fedcola.lte.merge import Delta, InvalidDeltaError, delta_nbytes, delta_norm, merge, validate_delta
+from fedcola.fl.robust import check_aggregation
+from fedcola.lte.merge import Delta, InvalidDeltaError, delta_nbytes, delta_norm, merge, merge_robust, validate_delta
 from fedcola.lte.client import STATE_SPEC, delta_record, record_delta
 from fedcola.lte.heads import base_weights, frozen_parameters
 from fedcola.lte.spec import LTESpec
@@ -42,7 +43,10 @@ class LTE(Screened, Strategy):
     evaluate_fn=...)`` as any Flower strategy; ``initial_arrays`` holds the mergeable weights
     (``fedcola.lte.heads.base_weights``), ``frozen_arrays`` the frozen non-LoRA parameters sent with
     every full sync. ``r`` (head rank) bounds the accepted factor rank at ``2 r``; ``weighted``
-    weights the mean by examples (the paper: plain mean).
+    weights the mean by examples (the paper: plain mean); ``aggregation`` = ``median`` or
+    ``trimmed-mean`` (``trim`` of each tail cut) replaces the mean by a Byzantine-robust one
+    (``merge_robust``). A delta whose norm exceeds ``max_update_ratio`` x the other replies' median is
+    skipped.
 
     Each round waits up to ``node_wait`` s for ``min_available_nodes`` connected nodes, then goes on
     with those connected (logged, ledger ``nodes_connected``; a node the SuperLink declared offline
@@ -60,10 +64,13 @@ class LTE(Screened, Strategy):
         weighted: bool = False,
         max_examples: int = MAX_EXAMPLES,
         max_update_ratio: float = 10.0,
+        aggregation: str = "mean",
+        trim: float = 0.2,
         allow_empty_rounds: bool = False,
         ledger: Ledger | None = None,
         message_type: str = MESSAGE_TYPE,
     ) -> None:
+        check_aggregation(aggregation, trim)
         model = spec.attach(model)  # the server's copy of the heads is never trained: only W and the frozen parameters are read
         self.spec, self.r = spec, spec.r
         self.frozen = ArrayRecord(frozen_parameters(model))
@@ -71,6 +78,7 @@ class LTE(Screened, Strategy):
         self.min_available_nodes = min_available_nodes
         self.node_wait = node_wait
         self.weighted, self.max_examples, self.max_update_ratio = weighted, max_examples, max_update_ratio
+        self.aggregation, self.trim = aggregation, trim
         self.skips = Skips(ledger, allow_empty_rounds)
         self.message_type = message_type
         self.W: dict[str, Tensor] = base_weights(model)
@@ -215,7 +223,9 @@ class LTE(Screened, Strategy):
             return None, None
         examples = [float(m.content.metric_records["metrics"]["num-examples"]) for m, _ in kept]
         weights = examples if self.weighted else None
-        self._advance(merge(self.W, [d for _, d in kept], weights, r=self.r))
+        deltas = [d for _, d in kept]
+        robust = self.aggregation != "mean"
+        self._advance(merge_robust(self.W, deltas, self.aggregation, self.trim, self.r) if robust else merge(self.W, deltas, weights, r=self.r))
         losses = [float(m.content.metric_records["metrics"]["train-loss"]) for m, _ in kept]
         metrics = MetricRecord({
             "train-loss": sum(loss * n for loss, n in zip(losses, examples)) / sum(examples),

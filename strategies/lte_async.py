@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections import deque
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -20,7 +21,7 @@ from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from torch import nn
 
-from fedcola.lte.merge import Delta, merge_async, staleness_weight
+from fedcola.lte.merge import Delta, delta_norm, merge_async, staleness_weight
 from fedcola.lte.spec import LTESpec
 from strategies.lte import LTE, EvaluateFn
 
@@ -34,7 +35,9 @@ class LTEAsync(LTE):
     ``start`` runs ``num_rounds * merges_per_round`` merges (``merges_per_round`` defaults to the
     number of nodes); ``evaluate_fn`` and the ledger round close after every ``merges_per_round``
     merges. ``merge_log`` lists every merge (round, node, partition, base version, staleness, weight).
-    A node whose last ``max_failures`` replies were all unusable is not re-dispatched."""
+    A node whose last ``max_failures`` replies were all unusable is not re-dispatched. One reply at a
+    time has no round median: a delta whose norm exceeds ``max_update_ratio`` x the median of the last
+    2 x (number of nodes) merged deltas' is skipped (the first merge has no reference)."""
 
     def __init__(
         self,
@@ -58,6 +61,7 @@ class LTEAsync(LTE):
         self.max_failures = max_failures
         self.history_size = max_staleness + 1
         self.merge_log: list[dict[str, float | int]] = []
+        self.recent_norms: deque[float] = deque()  # the last merged deltas' norms: the bound's reference (`start` sizes it)
 
     def load_state(self, server_round: int, tensors: dict, state: dict) -> ArrayRecord:
         raise ValueError("resuming async LTE is not supported (its merges depend on the arrival order of messages lost with the server)")
@@ -75,8 +79,12 @@ class LTEAsync(LTE):
         kept = self._screen(period, [msg])
         if not kept:
             return False
-        self._record(period, kept)
         node, delta = msg.metadata.src_node_id, kept[0][1]
+        norm = delta_norm(delta)
+        if self.skips.drop_beyond(period, node, norm, self.recent_norms, self.max_update_ratio, "delta norm"):
+            return False
+        self.recent_norms.append(norm)
+        self._record(period, kept)
         base = self.sent[node][0]
         staleness = self.version - base
         self._advance(merge_async(self.W, delta, staleness, self.staleness_exponent, self.max_staleness, mix, self.r))
@@ -112,6 +120,7 @@ class LTEAsync(LTE):
             result.evaluate_metrics_serverapp[0] = res
         nodes = self._available_nodes(0, grid)
         self._per_round = self.merges_per_round or len(nodes)
+        self.recent_norms = deque(maxlen=2 * len(nodes))
         mix = self.mix if self.mix is not None else 1.0 / len(nodes)
         target, period, merges = num_rounds * self._per_round, 1, 0
         if self.ledger is not None:

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from fedcola import cli
+from fedcola import config as cfg
+from tests import helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = ROOT / "simulations" / "fedavg_lora_minilm.toml"
 
@@ -41,6 +45,7 @@ def _one_line_error(proc, needle):
     (["run", str(GOOD), "--set", "eval.batch-size=0"], "'eval.batch-size' must be >= 1"),
     (["run", str(GOOD), "--set", "lte.r=0"], "'lte.r' must be >= 1"),
     (["run", str(GOOD), "--set", "max-examples=0"], "'max-examples' must be >= 1"),
+    (["run", str(GOOD), "--set", "data.max-length=513"], "data.max-length=513 is longer than model 'minilm' can read (max_position_embeddings=512)"),
 ])
 def test_bad_config_is_one_clear_line(args, needle):
     _one_line_error(fedcola(*args), needle)
@@ -89,3 +94,18 @@ def test_unwritable_out_dir_is_one_clear_line(tmp_path):
     locked.mkdir(mode=0o500)
     target = locked / "runs" if os.geteuid() != 0 else Path("/proc/fedcola-runs")  # root writes anywhere but /proc
     _one_line_error(fedcola("run", str(GOOD), "--set", f'out-dir="{target}"'), "is not writable")
+
+
+def test_max_length_beyond_the_models_positions_is_one_clear_line(tiny_assets, tmp_path):
+    """Texts longer than the model's position embeddings would fail inside the run (an index / size error in
+    the embedding); preflight names both numbers instead. Up to the limit, preflight passes."""
+    model = helpers.write_tiny_bert(tmp_path / "bert-8", words=helpers.WORDS, max_position_embeddings=8)
+    data, out = tiny_assets["data"], tmp_path / "runs"
+    proc = fedcola("run", str(GOOD), "--set", f'model="{model}"', "--set", f'dataset="{data}"', "--set", "num-clients=2",
+                   "--set", f'out-dir="{out}"', "--set", "data.max-length=9")
+    _one_line_error(proc, f"data.max-length=9 is longer than model '{model}' can read (max_position_embeddings=8); set data.max-length <= 8")
+    cli.preflight(cfg.build({"model": str(model), "dataset": str(data), "num-clients": 2, "out-dir": str(out), "data.max-length": 8}))
+
+
+def test_a_folder_without_a_model_is_one_clear_line(tmp_path):
+    _one_line_error(fedcola("run", str(GOOD), "--set", f'model="{tmp_path}"', "--set", f'out-dir="{tmp_path}"'), f"cannot load model '{tmp_path}'")

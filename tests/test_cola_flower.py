@@ -78,7 +78,7 @@ def _corrupt_batch(reply, key, value):
 
 
 def test_bad_query_replies_are_skipped_with_reasons(cola_config, tmp_path):
-    config = cola_config
+    config = cola_config | {"cola.identity": "claim"}  # nodes 1, 3, 5, 7 all use partition 0's data: each check's own reason, not the id's
     ledger = Ledger(tmp_path / "l.json", "cola", config)
     strategy = helpers.cola_strategy(config, ledger)
     ok, _ = _query_reply(config, 1, 0)

@@ -1,8 +1,10 @@
 """Flower's Deployment Engine on loopback: a SuperLink and SuperNodes as real processes, short ColA and
 LTE runs submitted with ``flwr run . <federation>``, the final status read back with ``flwr list``
 (``--stream``'s exit code is 0 even when the ServerApp fails), every process stopped by its
-process-group id, also when a test fails (``fedcola.loopback``). Plain HTTP, then TLS + SuperNode
-authentication with a node whose key was never registered."""
+process-group id, also when a test fails (``fedcola.loopback``). Plain HTTP, then the documented
+secure deployment: TLS, SuperNode authentication, the SuperLink on loopback and the SuperNodes behind
+the Fleet gateway (``fedcola.gateway``), with a node whose key was never registered and an edge
+machine that holds only ``ca.crt``."""
 
 import shutil
 import time
@@ -91,10 +93,11 @@ def _messages(state_dir: Path) -> int:
 def test_killed_supernode_run_goes_on_and_restarted_node_resumes_from_its_state(plain, tiny_assets, tmp_path):
     """SIGKILL a SuperNode (and its ClientApp process) right after its first ColA update: the server
     skips the dead node's replies (logged, ledger ``skipped``) and finishes with the others; the
-    restarted SuperNode (same node config, a new node id) loads its saved state and rejoins under its
-    adapter id, whose old node leaves the merged mean."""
+    restarted SuperNode (same node config, a new node id: no SuperNode authentication, so
+    ``cola.identity = claim``) loads its saved state and rejoins under its adapter id, whose old node
+    leaves the merged mean."""
     out = tmp_path / "kill"
-    run_id = plain.submit(ROOT, run_config(tiny_assets, "cola", out, 3, local_steps=3))
+    run_id = plain.submit(ROOT, run_config(tiny_assets, "cola", out, 3, local_steps=3, **{"cola.identity": "claim"}))
     saved = plain.root / "state1"
     deadline = time.time() + 600
     while _messages(saved) < 2:  # query + fit of the first interval handled and saved
@@ -117,11 +120,11 @@ def test_killed_supernode_run_goes_on_and_restarted_node_resumes_from_its_state(
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory, tiny_assets):
-    """TLS (a CA and a server certificate with SANs for 127.0.0.1 / localhost) and SuperNode
-    authentication: two registered ECDSA keys, and one key that was never registered."""
+    """TLS (a CA and a server certificate with SANs for 127.0.0.1 / localhost), SuperNode authentication
+    and the Fleet gateway: two registered ECDSA keys, and one key that was never registered."""
     root = tmp_path_factory.mktemp("secure")
     tls = loopback.make_tls(root / "certs")
-    fed = loopback.Loopback(root, tls=tls, auth=True).start()
+    fed = loopback.Loopback(root, tls=tls, auth=True, gateway=True).start()
     try:
         keys = [loopback.make_node_key(root / "keys", f"node{i}") for i in range(3)]
         registered = {fed.register(keys[i].with_suffix(".pub")) for i in range(2)}
@@ -144,3 +147,22 @@ def test_unregistered_supernode_is_refused(secure):
     secure.fed.procs.pop("stranger")
     assert "Failed to initialize the connection to the SuperLink" in secure.fed.log("stranger")
     assert {int(n["node-id"]) for n in secure.fed.nodes()} == secure.registered
+
+
+def test_edge_machine_with_only_the_ca_cannot_register_list_or_submit(secure, tiny_assets, tmp_path):
+    """From the gateway's address with ``ca.crt`` (what every edge machine has), the Control API is not
+    there: registering a key, listing nodes or runs and submitting a run all get 404 and change nothing.
+    The SuperLink itself listens on loopback only; the operator's commands there work."""
+    fed = secure.fed
+    runs_before = fed.flwr("list")["runs"]
+    attempts = {"register a node": ["supernode", "register", str(secure.stranger.with_suffix(".pub"))],
+                "list nodes": ["supernode", "list"], "list runs": ["list"],
+                "submit a run": ["run", str(ROOT), fed.name, "--run-config", run_config(tiny_assets, "cola", tmp_path, 2)]}
+    for what, args in attempts.items():
+        with pytest.raises(RuntimeError, match="404 Not Found") as refused:
+            fed.flwr(*args, home=fed.edge, cwd=ROOT, timeout=300)
+        assert "/v1/control/" in str(refused.value), what
+    assert fed.flwr("list")["runs"] == runs_before
+    assert {int(n["node-id"]) for n in fed.nodes()} == secure.registered
+    listening = [c.laddr for c in psutil.Process(fed.procs["superlink"].pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and all(addr.ip in ("127.0.0.1", "::1") for addr in listening), listening

@@ -8,7 +8,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from tests import helpers
 from fedcola import specs, client_app, runtime
-from fedcola.fl import state
+from fedcola.fl import checkpoint, state
+from fedcola.fl.ledger import Ledger
 
 pytestmark = pytest.mark.usefixtures("one_thread", "task_identity")
 RUN_ID = 7  # the Flower run of the ServerApp and of the clients' contexts
@@ -97,16 +98,24 @@ def test_node_config_errors_are_one_line():
         runtime.node_options(_context({"partition-id": 0, "data-path": "/nonexistent/x.csv"}))
 
 
-def test_restarted_node_takes_over_its_adapter_id_from_the_departed_node(cola_config):
-    """A restarted SuperNode has a new node id: it takes over its adapter id (partition) only once the
-    old node is gone, and the old node's adapters leave the merged mean (no client counted twice)."""
-    config = cola_config
-    strategy = helpers.cola_strategy(config)
+def _claim(config, node, partition=0, context=None):
+    """A query reply of ``partition``'s client arriving from Flower node ``node``: at first contact (a
+    fresh ``context``) with its auxiliary models."""
+    context = context or _context({"partition-id": partition, "num-partitions": 2})
+    query = _query(config, 0)
+    query.content.config_records["control"]["send-adapter"] = not context.state.config_records
+    msg = client_app.cola_query_handler(query, context)
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
 
-    def reply(node):
-        msg = client_app.cola_query_handler(_query(config, 0), _context({"partition-id": 0, "num-partitions": 2}))
-        msg.metadata.__dict__["_src_node_id"] = node
-        return msg
+
+def test_restarted_node_takes_over_its_adapter_id_from_the_departed_node(cola_config):
+    """With ``cola.identity = claim`` (no SuperNode authentication), a restarted SuperNode has a new node
+    id: it takes over its adapter id (partition) only once the old node is gone, and the old node's
+    adapters leave the merged mean (no client counted twice)."""
+    config = cola_config | {"cola.identity": "claim"}
+    strategy = helpers.cola_strategy(config)
+    reply = lambda node: _claim(config, node)  # noqa: E731
 
     strategy._connected = {1, 9}
     assert list(strategy._accept_queries(1, [reply(1)])) == [1]
@@ -114,3 +123,35 @@ def test_restarted_node_takes_over_its_adapter_id_from_the_departed_node(cola_co
     strategy._connected = {9}
     assert list(strategy._accept_queries(1, [reply(9)])) == [9]
     assert list(strategy.book.adapters) == [9] and strategy.book.owner == {9: 0}
+
+
+@pytest.mark.parametrize("mode", ["unmerged", "merged"])
+def test_bound_adapter_id_is_refused_to_another_node_and_its_owner_keeps_it(cola_config, tmp_path, mode):
+    """``cola.identity = node`` (the default): an offline client's adapter id claimed by another node is
+    refused with a logged reason, the owner's auxiliary models stay as they were, and the owner is accepted
+    when it returns; after a server resume the checkpoint's binding holds the same way."""
+    config = cola_config | {"cola.mode": mode, "cola.adapter": "linear" if mode == "merged" else "low-rank"}
+    ledger = Ledger(tmp_path / "l.json", "cola", config)
+    strategy = helpers.cola_strategy(config, ledger)
+    strategy._connected = {1}
+    owner = _context({"partition-id": 0, "num-partitions": 2})
+    assert list(strategy._accept_queries(1, [_claim(config, 1, context=owner)])) == [1]
+    held = {k: v.clone() for k, v in strategy.state_dict()[0].items()}
+    strategy._connected = {9}  # the owner is offline; node 9 claims its id
+    assert strategy._accept_queries(1, [_claim(config, 9)]) == {}
+    assert "bound to node 1" in ledger._round["skipped"][-1]["reason"]
+    assert strategy.book.owner == {1: 0}
+    assert all(torch.equal(v, held[k]) for k, v in strategy.state_dict()[0].items()) and held.keys() == strategy.state_dict()[0].keys()
+    strategy._connected = {1, 9}
+    assert list(strategy._accept_queries(1, [_claim(config, 1, context=owner)])) == [1]
+    assert strategy._accept_queries(1, [_claim(config, 9, partition=1)]) != {}  # a fresh id is free
+
+    checkpoint.save(tmp_path / "ckpt", 1, *strategy.state_dict())
+    saved = checkpoint.load(tmp_path / "ckpt")
+    resumed = helpers.cola_strategy(config, ledger)
+    resumed.load_state(saved.round, saved.tensors, saved.state)
+    resumed._connected = {5, 1}
+    assert resumed._accept_queries(2, [_claim(config, 5)]) == {}  # a stranger claims the checkpointed id 0
+    assert "bound to node 1" in ledger._round["skipped"][-1]["reason"]
+    assert list(resumed._accept_queries(2, [_claim(config, 1, context=owner)])) == [1]
+    assert resumed.book.owner == {1: 0, 9: 1}

@@ -169,6 +169,25 @@ def test_lte_survives_mutated_replies_and_keeps_the_clean_model():
         assert len(got.skips.reasons) == 1, got.skips.reasons
 
 
+def test_async_lte_survives_mutated_replies_and_keeps_the_clean_model():
+    """Async LTE merges each reply on arrival (``_merge_reply``): a mutant arriving after the good
+    replies is skipped with a reason and leaves W and its version as the good replies left them."""
+    from collections import deque
+
+    rng = random.Random(3)
+    base = helpers.lte_strategy(FAST, asynchronous=True)
+    base.recent_norms = deque(maxlen=4)
+    contexts = {10 + p: Context(run_id=1, node_id=10 + p, node_config={"partition-id": p, "num-partitions": 2}, state=RecordDict(), run_config={})
+                for p in range(2)}
+    goods = [client_app.lte_train(base._message(node, ConfigRecord(FAST), 1), ctx, FAST) for node, ctx in contexts.items()]
+    assert all(base._merge_reply(1, g, mix=0.5) for g in goods)
+    for _ in range(MUTANTS):
+        got = copy.deepcopy(base)
+        assert got._merge_reply(1, _mutant(rng.choice(goods), rng, _mutate_factors), mix=0.5) is False
+        assert got.version == base.version == 2 and _equal(got.W, base.W) and got.recent_norms == base.recent_norms
+        assert len(got.skips.reasons) == 1, got.skips.reasons
+
+
 def _mutate_factors(arrays, metrics, configs, rng):
     """LTE: a lone factor, a rank above 2r, or a base version the client was not sent."""
     delta = arrays["arrays"]

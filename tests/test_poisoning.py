@@ -1,6 +1,7 @@
 """Bounded influence: a client cannot take over example-weighted means with its num-examples, and a
-huge but finite update is skipped (norm above max-update-ratio x the other replies' median): the
-global model stays the honest clients' aggregate."""
+huge but finite update is skipped (norm above max-update-ratio x the other replies' median; in async LTE
+the last merged deltas'; at a ColA client's first contact a new client's), and robust merges resist a
+Byzantine client: the global model stays the honest clients' aggregate."""
 
 import numpy as np
 import pytest
@@ -119,3 +120,86 @@ def test_fedavg_lora_robust_aggregation_resists_a_byzantine_client(aggregation):
         everyone = torch.stack([*values[k], byzantine.content.array_records["arrays"].to_torch_state_dict()[k]]).double().numpy()
         want = np.median(everyone, axis=0) if aggregation == "median" else stats.trim_mean(everyone, 0.2, axis=0)
         assert np.allclose(robust[k].numpy(), want, atol=1e-6)
+
+
+def _lte_replies(strategy, count: int) -> list[Message]:
+    """One train reply of each of ``count`` LTE clients (nodes 10, 11, ...) to the strategy's messages."""
+    contexts = {10 + p: Context(run_id=1, node_id=10 + p, node_config={"partition-id": p, "num-partitions": count}, state=RecordDict(), run_config={})
+                for p in range(count)}
+    return [client_app.lte_train(strategy._message(n, ConfigRecord(FAST), 1), ctx, FAST) for n, ctx in contexts.items()]
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
+def test_lte_robust_merge_resists_a_byzantine_delta(aggregation):
+    """Sync LTE with ``aggregation``: W moves by the coordinate-wise median / trimmed mean of the dense
+    deltas (Flower's aggregates), and a client adding +1 to every coordinate (under the norm bound's
+    radar: ratio off) drags the plain mean out of the honest range, the robust merge not."""
+    from scipy import stats
+    from strategies import LTE
+    from fedcola import specs
+    from fedcola.lte.client import delta_record, record_delta
+    from fedcola.lte.merge import dense
+
+    plain = helpers.lte_strategy(FAST, max_update_ratio=0.0)
+    robust = LTE(specs.lte_model(FAST, head_seed=0), specs.lte_spec(FAST), max_update_ratio=0.0, aggregation=aggregation, trim=0.2)
+    replies = _lte_replies(plain, 5)
+    robust.sent = dict(plain.sent)
+    before = {k: v.clone() for k, v in plain.W.items()}
+    deltas = [record_delta(r.content.array_records["arrays"]) for r in replies]
+    shifted = {k: dense(e) + 1.0 for k, e in deltas[4].items()}
+    replies[4].content.array_records["arrays"] = delta_record(shifted)
+    deltas[4] = shifted
+    plain.aggregate_train(1, replies)
+    robust.aggregate_train(1, replies)
+    for k in deltas[0]:
+        stack = torch.stack([dense(d[k]).double() for d in deltas]).numpy()
+        want = np.median(stack, axis=0) if aggregation == "median" else stats.trim_mean(stack, 0.2, axis=0)
+        assert np.allclose((robust.W[k] - before[k]).numpy(), want, atol=1e-6)
+        low, high = stack[:4].min(0), stack[:4].max(0)
+        moved = (robust.W[k] - before[k]).double().numpy()
+        assert ((moved >= low - 1e-6) & (moved <= high + 1e-6)).all()
+        assert ((plain.W[k] - before[k]).double().numpy() - high > 0.1).all()
+
+
+def test_async_lte_huge_finite_delta_is_skipped():
+    """Async LTE merges one delta at a time: a delta whose norm exceeds max-update-ratio x the median of
+    the last merged deltas' is skipped (logged) and W stays where the honest merges left it; with the
+    bound off it would have been merged."""
+    from collections import deque
+
+    def run(ratio):
+        strategy = helpers.lte_strategy(FAST, asynchronous=True, max_update_ratio=ratio)
+        strategy.recent_norms = deque(maxlen=6)
+        replies = _lte_replies(strategy, 3)
+        attack = replies[2].content.array_records["arrays"]
+        replies[2].content.array_records["arrays"] = ArrayRecord({k: v * 1e6 for k, v in attack.to_torch_state_dict().items()})
+        merged = [strategy._merge_reply(1, r, mix=1 / 3) for r in replies[:2]]
+        honest = {k: v.clone() for k, v in strategy.W.items()}
+        return merged + [strategy._merge_reply(1, replies[2], mix=1 / 3)], strategy, honest
+
+    merged, strategy, honest = run(10.0)
+    assert merged == [True, True, False]
+    assert all(torch.equal(strategy.W[k], honest[k]) for k in honest)
+    assert "delta norm" in strategy.skips.reasons[-1] and "node 12" in strategy.skips.reasons[-1]
+    merged, strategy, honest = run(0.0)
+    assert merged == [True, True, True] and any((strategy.W[k] - honest[k]).abs().max() > 1e3 for k in honest)
+
+
+@pytest.mark.parametrize("adapter", ["low-rank", "linear"])
+def test_cola_huge_first_contact_adapter_is_refused(cola_config, tmp_path, adapter):
+    """A client's first auxiliary models are taken as the server's copy of them (in merged mode: into
+    the shared model): a huge but finite set is refused at first contact (logged), an honest one taken."""
+    from fedcola.fl.ledger import Ledger
+    from tests.test_cola_flower import _query_reply
+
+    config = cola_config | {"cola.adapter": adapter}
+    ledger = Ledger(tmp_path / "l.json", "cola", config)
+    strategy = helpers.cola_strategy(config, ledger)
+    strategy.skips.begin_round(1)
+    honest, _ = _query_reply(config, 1, 0)
+    attack, _ = _query_reply(config, 2, 1)
+    state = attack.content.array_records["adapter"].to_torch_state_dict()
+    attack.content.array_records["adapter"] = ArrayRecord({k: v + 1e30 for k, v in state.items()})
+    assert list(strategy._accept_queries(1, [honest, attack])) == [1]
+    assert strategy.known == {1}
+    assert "first auxiliary models' norm" in ledger._round["skipped"][-1]["reason"] and ledger._round["skipped"][-1]["node_id"] == 2

@@ -223,7 +223,7 @@ def _resent(msg: Message, resumed_after: str) -> Message:
 def test_merged_linear_server_state_resumes_under_new_node_ids(tiny, tmp_path):
     """The parameter mean (float64 S, n_k), the synced flags (here one lost reply) and the adapter ids
     pass through a checkpoint to a strategy whose nodes have new ids: the next interval is the same."""
-    config = tiny | {"cola.adapter": "linear", "cola.weighting": "examples"}
+    config = tiny | {"cola.adapter": "linear", "cola.weighting": "examples", "cola.identity": "claim"}
     first = helpers.cola_strategy(config)
     live = {3: _context(7, 0), 4: _context(7, 1)}
     grid = _grid(config, live)

@@ -2,8 +2,15 @@
 
 Per client ``adapters[node]`` (frozen copies of what the client last sent), or, for merged linear
 auxiliary models, only their parameter mean (``ParameterMean``: memory flat in K). A node's adapter
-id (its partition id) is fixed at first contact; a restarted node (new node id) takes its id over,
-and after a server resume the first node claiming an id inherits the checkpointed state.
+id (its partition id) is fixed at first contact. Who may claim an id later is the ``identity`` policy:
+
+- ``"node"``: an adapter id stays bound to the Flower node id that first claimed it, for the run and
+  across a server resume (the checkpoint keeps the binding). With SuperNode authentication a node id
+  stands for a registered public key (the SuperLink checks every Fleet request's signature against
+  it), so no other machine can take a client's adapter over.
+- ``"claim"``: a node may take over an id whose node is no longer connected (a restarted SuperNode
+  without authentication comes back under a new node id), and after a resume the first node claiming
+  an id inherits the checkpointed state; any node that can reach the Fleet API can do the same.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from logging import INFO
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
@@ -20,12 +28,21 @@ from fedcola.cola.adapters import Adapter
 from fedcola.cola.server import ParameterMean
 
 
+IDENTITIES = ("node", "claim")
+
+
+def _norm(record: ArrayRecord) -> float:
+    return float(sum(v.double().pow(2).sum() for v in record.to_torch_state_dict().values())) ** 0.5
+
+
 class AdapterBook:
     """The auxiliary models the server holds and their owners. ``build()`` makes one client's
     auxiliary models (the template of every reply); ``use_mean`` keeps only the parameter mean."""
 
-    def __init__(self, build: Callable[[], dict[str, Adapter]], use_mean: bool = False) -> None:
-        self.build = build
+    def __init__(self, build: Callable[[], dict[str, Adapter]], use_mean: bool = False, identity: str = "node") -> None:
+        if identity not in IDENTITIES:
+            raise ValueError(f"identity must be one of {', '.join(IDENTITIES)}, got {identity!r}")
+        self.build, self.identity = build, identity
         self.template = records.adapter_record(build())
         self.adapters: dict[int, dict[str, Adapter]] = {}  # per client, unless `mean` holds them
         self.mean = ParameterMean(build()) if use_mean else None
@@ -69,17 +86,36 @@ class AdapterBook:
     def change_norm(self, node: int, record: ArrayRecord) -> float:
         """||w' - w|| of a train reply against the auxiliary models held for ``node`` (the reply itself
         when it carries a change: the parameter mean)."""
-        new = record.to_torch_state_dict()
         if self.mean is not None:
-            return float(sum(v.double().pow(2).sum() for v in new.values())) ** 0.5
+            return _norm(record)
+        new = record.to_torch_state_dict()
         held = records.adapter_record(self.adapters[node]).to_torch_state_dict()
         return float(sum((new[k].double() - held[k].double()).pow(2).sum() for k in held)) ** 0.5
 
+    def first_contact_problem(self, node: int, record: ArrayRecord, ratio: float) -> str | None:
+        """A node's first auxiliary models are bounded: ||theta_k|| <= ``ratio`` x the larger of a freshly
+        built set's norm (what an honest new client sends) and the median norm of those held for other
+        clients (a client rejoining with trained ones); ``ratio`` <= 0: off."""
+        if ratio <= 0:
+            return None
+        held = [_norm(records.adapter_record(a)) for n, a in self.adapters.items() if n != node]
+        if self.mean is not None and self.mean.n:
+            held.append(_norm(records.adapter_record(self.mean.adapters)))
+        reference = max(_norm(self.template), float(np.median(held)) if held else 0.0)
+        norm = _norm(record)
+        if not norm <= ratio * reference:
+            return f"first auxiliary models' norm {norm:.3g} exceeds {ratio:g} x {reference:.3g} (a new client's or the held ones' median)"
+        return None
+
     def check_owner(self, node: int, adapter_id: int, connected: set[int]) -> str | None:
-        """A node keeps the adapter id of its first reply; a connected node's id is not another's."""
+        """A node keeps the adapter id of its first reply; another node's id is refused (``"node"``), or
+        only while that node is connected (``"claim"``)."""
         if node in self.owner and self.owner[node] != adapter_id:
             return f"reply carries adapter id {adapter_id}, but node {node} holds adapter {self.owner[node]}"
-        held_by = [n for n, a in self.owner.items() if a == adapter_id and n != node and n in connected]
+        held_by = [n for n, a in self.owner.items() if a == adapter_id and n != node]
+        if self.identity == "node" and held_by:
+            return f"adapter id {adapter_id} is bound to node {held_by[0]} (identity = node); node {node} may not claim it"
+        held_by = [n for n in held_by if n in connected]
         return f"adapter id {adapter_id} is held by connected node {held_by[0]}" if held_by else None
 
     def own(self, node: int, adapter_id: int) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
-from safetensors.torch import save_file
 from fedcola.cola import adapters as ad
+from fedcola.fl.checkpoint import atomic_save_file
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -33,7 +33,7 @@ def load_adapter_record(adapters: dict[str, ad.Adapter], record: ArrayRecord) ->
 
 def save_adapters(path: Path, by_node: dict[int, dict[str, ad.Adapter]]) -> None:
     """Every client's auxiliary models in one safetensors file, keys ``"<node>/<layer>/<param>"``."""
-    save_file({f"{node}/{k}": v.contiguous() for node, ads in by_node.items() for k, v in adapter_record(ads).to_torch_state_dict().items()}, str(path))
+    atomic_save_file({f"{node}/{k}": v for node, ads in by_node.items() for k, v in adapter_record(ads).to_torch_state_dict().items()}, path)
 
 
 def batch_record(batches: list[dict[str, torch.Tensor]]) -> ArrayRecord:

@@ -2,7 +2,7 @@
 
 Query replies (step 2) carry a client's batches (checked against the model: token ids < vocab, labels
 < classes, at most ``batch_size`` x ``max_length``) and, at first contact, its auxiliary models
-(checked against the strategy's template: names, shapes, dtypes, finite). Train replies (step 6) carry
+(checked against the strategy's template: names, shapes, dtypes, finite, and a norm bound). Train replies (step 6) carry
 the updated auxiliary models and may carry the next interval's batches. Every reply names its adapter
 id, which is bound to the node at first contact (``AdapterBook.check_owner``).
 """
@@ -55,6 +55,7 @@ class ReplyCheck:
                 problem = "first query reply lacks the client's auxiliary models"
             else:
                 problem = wire.check_arrays(msg.content.array_records["adapter"], book.template)
+                problem = problem or book.first_contact_problem(node, msg.content.array_records["adapter"], self.s.max_update_ratio)
         elif problem is None and "adapter" in msg.content.array_records:
             problem = "reply carries auxiliary models the server did not ask for"
         if problem is None:

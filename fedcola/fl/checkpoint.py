@@ -2,22 +2,24 @@
 
 ``<run_dir>/checkpoint.safetensors`` holds the strategy's tensors (global weights, adapters, ...); its
 metadata holds the round number and the strategy's other state as JSON. It is written atomically
-(``atomic_save_file``: temporary file, fsync, then ``os.replace``) right after the ledger records the round, so a run resumed
-from it (``fedcola run --resume RUN_DIR``, or run config ``resume-dir``) drops any ledger round past
-the checkpoint and neither loses nor repeats a round.
+(``atomic_save_file``: temporary file, fsync, then ``os.replace``; a full disk keeps the previous
+one) right after the ledger records the round, so a run resumed from it (``fedcola run --resume
+RUN_DIR``, or run config ``resume-dir``) drops any ledger round past the checkpoint and neither loses
+nor repeats a round.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 from torch import Tensor
+
+from fedcola.fl.ledger import atomic_write_bytes
 
 FILE = "checkpoint.safetensors"
 META = "fedcola.fl.checkpoint"
@@ -30,15 +32,13 @@ class Checkpoint:
     state: dict[str, Any]
 
 
-def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors ``save_file`` through a temporary file, fsync and an atomic rename: a crash at any
-    moment leaves either the previous file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written through a temporary file, fsync and an atomic rename
+    (``ledger.atomic_write_bytes``): a crash at any moment leaves either the previous file or the
+    complete new one; a full disk leaves the previous file and no temporary file, and raises the
+    OSError (ENOSPC) naming ``path``. Serialised in memory first (one copy of the tensors), so every
+    failure to write is an OSError with its errno. Owner-only permissions (client state is private)."""
+    atomic_write_bytes(path, serialize({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata), mode=0o600)
 
 
 def save(run_dir: Path, server_round: int, tensors: dict[str, Tensor], state: dict[str, Any] | None = None) -> None:

@@ -2,12 +2,13 @@
 
 Per round: the server's evaluation (loss, task metric), its FLOPs, peak memory and wall time, and per
 client: loss, task metric, examples, bytes up / down, FLOPs, peak memory, wall time; replies that were
-skipped, with the reason. The file is rewritten atomically after every round, so a crash never
-leaves a half-written ledger and no finished round is lost.
+skipped, with the reason. The file is rewritten atomically after every round, so a crash or a full disk
+never leaves a half-written ledger and no finished round is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -23,15 +24,40 @@ class LedgerError(ValueError):
     """A results file that does not follow the schema."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+def _write(fd: int, data: memoryview) -> int:
+    """The one low-level write of every atomic file (``os.write``); tests put a full disk here."""
+    return os.write(fd, data)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o666) -> None:
+    """Write ``data`` to ``path`` through a temporary file ``.<name>.tmp<pid>`` beside it, fsync and an
+    atomic rename (``os.replace``): a crash at any moment leaves the previous file or the complete new
+    one. A failure (a full disk: ENOSPC) removes the temporary file, leaves the previous file as it was
+    and raises an OSError of the same errno naming ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[_write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(err, OSError) and err.errno is not None and err.filename != str(path):
+            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from err  # the file the user knows
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``atomic_write_bytes``)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class Ledger:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from logging import WARNING
 from typing import TypeVar
 
@@ -138,6 +138,14 @@ class Skips:
             self.skip(server_round, node, f"{what} {norms[node]:.3g} exceeds {ratio:g} x the other replies' median {median:.3g}")
         return set(far)
 
+    def drop_beyond(self, server_round: int, node: int, norm: float, recent: Sequence[float], ratio: float, what: str) -> bool:
+        """One reply at a time (async): skip it (logged) if its ``what`` exceeds ``ratio`` x the median of
+        the ``recent`` accepted replies' (``beyond``); True if skipped."""
+        median = beyond(norm, recent, ratio)
+        if median is not None:
+            self.skip(server_round, node, f"{what} {norm:.3g} exceeds {ratio:g} x the median {median:.3g} of the last {len(recent)} merged")
+        return median is not None
+
     def accepted(self, count: int) -> None:
         self.kept += count
 
@@ -175,15 +183,17 @@ def wait_for_nodes(grid, count: int, timeout: float, poll: float = 1.0) -> list[
     return nodes
 
 
+def beyond(norm: float, others: Sequence[float], ratio: float) -> float | None:
+    """The median of ``others`` if ``norm`` exceeds ``ratio`` x it; None when within, with no ``others``,
+    where their median is 0 (they did not move: nothing to judge by), or with ``ratio`` <= 0 (off)."""
+    if ratio <= 0 or not others:
+        return None
+    median = float(np.median(others))
+    return median if median > 0 and not norm <= ratio * median else None
+
+
 def outliers(norms: dict[int, float], ratio: float) -> dict[int, float]:
     """The replies whose update norm exceeds ``ratio`` x the median of the *other* replies' norms (a
-    leave-one-out median, so that one attacker among two clients is caught too), with that median; none
-    with fewer than two replies, where the others' median is 0, or with ``ratio`` <= 0 (off)."""
-    if ratio <= 0 or len(norms) < 2:
-        return {}
-    out = {}
-    for node, norm in norms.items():
-        median = float(np.median([n for other, n in norms.items() if other != node]))
-        if median > 0 and not norm <= ratio * median:  # the others did not move: nothing to judge by
-            out[node] = median
-    return out
+    leave-one-out median, so that one attacker among two clients is caught too), with that median."""
+    far = {node: beyond(norm, [n for other, n in norms.items() if other != node], ratio) for node, norm in norms.items()}
+    return {node: median for node, median in far.items() if median is not None}

@@ -3,7 +3,9 @@
 Everything a client keeps between messages lives in ``context.state`` (ColA adapters + optimizer,
 LTE weights, heads, snapshot + optimizer, ...). The ClientApp saves that RecordDict after each
 handled message of server round r to ``<state-dir>/<run key>/partition-<id>/round-<r>.safetensors``
-(``checkpoint.atomic_save_file``: a crash leaves the previous file intact). The
+(``checkpoint.atomic_save_file``: a crash or a full disk leaves the previous file intact and no
+temporary file; a write that fails fails the message with the OSError, and older snapshots are
+pruned only after the new one is on disk). The
 file of round r therefore ends as the client's state at the end of round r. The run key is the run
 config's ``run-key`` (drawn once when a run starts, kept by its resumes), or ``run-<Flower run id>``.
 

@@ -3,7 +3,8 @@ maps a weight's key (``"<linear>.W"`` or a replicated parameter's name) to low-r
 with ``U @ V`` the update, or to a dense tensor when factors would not be smaller (:func:`use_factors`).
 
 Sync: ``W_k <- W_k + 1/|S_k| sum_{n in S_k} delta_n,k`` (the paper's ``Delta = 1/N sum_n delta_n``,
-per weight over the deltas that contain it: :func:`merge`). Async: each delta merged on arrival,
+per weight over the deltas that contain it: :func:`merge`; :func:`merge_robust` takes their
+coordinate-wise median or trimmed mean instead). Async: each delta merged on arrival,
 discounted by ``(1 + staleness) ** -a`` (:func:`merge_async`, FedAsync's polynomial rule).
 """
 
@@ -14,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from fedcola.fl.robust import robust_mean
 
 Factors = tuple[Tensor, Tensor]
 Delta = Factors | Tensor
@@ -134,6 +137,25 @@ def merge(
             entry = torch.stack(full).sum(0)
         target.add_(dense(entry))
         update[key] = entry
+    return update
+
+
+@torch.no_grad()
+def merge_robust(W: dict[str, Tensor], deltas: Sequence[dict[str, Delta]], aggregation: str, trim: float = 0.2,
+                 r: int | None = None) -> dict[str, Delta]:
+    """Byzantine-robust sync merge: ``W_k <- W_k + agg_{n in S_k} dense(delta_n,k)`` with ``agg`` the
+    coordinate-wise median or trimmed mean (``fedcola.fl.robust``, Flower's) instead of :func:`merge`'s
+    mean; unweighted, in float64. The merged update is returned dense. All deltas are validated first."""
+    if not deltas:
+        raise ValueError("merge needs at least one delta")
+    for delta in deltas:
+        validate_delta(W, delta, r)
+    update: dict[str, Delta] = {}
+    for key, target in W.items():
+        present = [dense(d[key]).double().cpu().numpy() for d in deltas if key in d]
+        if present:
+            update[key] = torch.from_numpy(robust_mean(present, aggregation, trim)).to(target.dtype).to(target.device)
+            target.add_(update[key])
     return update
 
 
