@@ -37,6 +37,8 @@ def _one_line_error(proc, needle):
     (["run", str(GOOD), "--set", "num-clients=0"], "'num-clients' must be >= 1"),
     (["run", str(GOOD), "--set", 'model="gpt-5"'], "unknown model 'gpt-5'"),
     (["run", str(GOOD), "--set", "dataset=imagenet"], "unknown dataset 'imagenet'"),
+    (["run", str(GOOD), "--set", 'model="./no/such/model"'], "unknown model './no/such/model'"),  # a path, not looked up on the hub
+    (["run", str(GOOD), "--set", 'dataset="./no/such.csv"'], "unknown dataset './no/such.csv'"),
     (["run", str(GOOD), "--set", 'partitioning="zipf"'], "unknown partitioning 'zipf'"),
     (["run", str(GOOD), "--set", "lr=nan"], "'lr' must be a finite number > 0"),
     (["run", str(GOOD), "--set", "lr=-0.1"], "'lr' must be a finite number > 0"),
