@@ -58,6 +58,8 @@ def preflight(config: dict) -> None:
     from fedcola import data, models, runtime
 
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a file it cannot read is our one-line error, not its log
+    for role in ("server", "client"):
+        runtime.device(config, role)  # a device this machine does not have: one line, before anything starts
     splits = runtime.dataset_splits(config)
     if config["model"] not in models.FROM_SCRATCH:
         models.resolve(config["model"])
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         flwr.simulation.run_simulation(
             server_app=server_app.make_app(config, run_dir), client_app=client_app.app, num_supernodes=config["num-clients"],
-            backend_config={"client_resources": {"num_cpus": config["client.num-cpus"], "num_gpus": 0.0},
+            backend_config={"client_resources": {"num_cpus": config["client.num-cpus"], "num_gpus": config["client.num-gpus"]},
                             "init_args": loopback_ray({"num_cpus": max(os.cpu_count() or 1, config["client.num-cpus"])})},
             verbose_logging=args.verbose,
         )

@@ -83,7 +83,7 @@ def cola_client(config: dict, pid: int, n: int):
         held_out = runtime.client_split(config, pid, n, "validation")
         yield from runtime.loader(config, held_out.select(range(min(len(held_out), config["eval.client-max-examples"]))), shuffle=False, seed=0)
 
-    return ColaClient(pid, batches, validation=validation(), examples=len(part))
+    return ColaClient(pid, batches, validation=validation(), examples=len(part), device=runtime.device(config, "client"))
 
 
 @app.query("cola")

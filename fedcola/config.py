@@ -80,6 +80,12 @@ DEFAULTS: dict[str, Scalar] = {
     "eval.client-max-examples": 64,
     "eval.batch-size": 64,
     "client.num-cpus": 1,
+    "client.num-gpus": 0.0,  # Ray's GPU share per virtual client in `fedcola run` (e.g. 0.25: four clients per GPU)
+    "client.device": "cpu",  # where a client trains: auxiliary models (ColA), LTE / FedAvg-LoRA models; cpu, cuda, cuda:N or auto
+    "server.device": "auto",  # the server's model: ColA's frozen base, LTE / FedAvg-LoRA evaluation, `fedcola green`; auto = cuda if present
+    "server.dtype": "fp32",  # the ColA server's frozen base: fp32, bf16 or fp16 (merged mode stays exact: fedcola.cola.capture.MeanBranch)
+    "server.offload-pairs": False,  # ColA: captured (x, G) to host memory as soon as they exist
+    "server.recompute": False,  # ColA: recompute the frozen blocks' activations in the backward
     "client.state-dir": "",  # clients' state dir when their node config names none (`fedcola run`: <run dir>/client-state)
     "green.rho": 0.5,
     "green.steps": 100,
@@ -149,7 +155,7 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
         raise ConfigError(f"config key 'method': unknown method '{config['method']}', known: {', '.join(METHODS)}")
     choices = {"cola.mode": ("merged", "unmerged", "detached"), "cola.adapter": ("low-rank", "linear", "mlp"),
                "cola.wire-dtype": ("fp16", "fp32", "bf16"), "cola.weighting": ("equal", "examples"),
-               "cola.identity": ("node", "claim"),
+               "cola.identity": ("node", "claim"), "server.dtype": ("fp32", "bf16", "fp16"),
                "lte.non-lora": ("frozen", "replicated"),
                "fedavg.aggregation": ("mean", "median", "trimmed-mean"), "lte.aggregation": ("mean", "median", "trimmed-mean")}
     for key, allowed in choices.items():
@@ -169,6 +175,11 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
         raise ConfigError(f"config key 'run-key' must be letters, digits, '_', '.', '-', got {config['run-key']!r}")
     if not all(r.isdigit() for r in names(config, "resumed-after")):
         raise ConfigError(f"config key 'resumed-after' must list round numbers (e.g. \"2,5\"), got {config['resumed-after']!r}")
+    for key in ("server.device", "client.device"):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config[key]):
+            raise ConfigError(f"config key '{key}' must be auto, cpu, cuda or cuda:N, got {config[key]!r}")
+    if not (math.isfinite(config["client.num-gpus"]) and config["client.num-gpus"] >= 0):
+        raise ConfigError(f"config key 'client.num-gpus' must be a finite number >= 0, got {config['client.num-gpus']}")
     if config["lte.async"] and config["lte.aggregation"] != "mean":
         raise ConfigError("config key 'lte.aggregation': async LTE merges one delta at a time (no median to take); use it with lte.async = false")
     for key in ("fedavg.trim", "lte.trim"):

@@ -44,6 +44,11 @@ def base_model(config: dict):
     return models.load_model(config["model"], config["task"], num_labels=num_labels(config))
 
 
+def device(config: dict, role: str):
+    """The run's ``server.device`` or ``client.device`` (``role``) on this machine (``auto``: CUDA if present)."""
+    return train.resolve_device(config[f"{role}.device"])
+
+
 def loader(config: dict, ds, shuffle: bool, seed: int, batch_size: int | None = None):
     return train.make_loader(ds, tokenizer(config), config["task"], batch_size or config["batch-size"], config["data.max-length"], shuffle, seed)
 

@@ -61,13 +61,15 @@ def _record_eval(ledger: Ledger, server_round: int, evaluate: Callable[[], dict[
         ledger.begin_round(0)
     t0 = time.perf_counter()
     metrics = evaluate()
-    ledger.server(server_round, **{k: float(v) for k, v in metrics.items()}, eval_s=time.perf_counter() - t0, peak_memory_bytes=train.peak_memory_bytes())
+    accelerator = train.accelerator_peak_bytes(runtime.device(ledger.data["config"], "server"))  # the round's, ColA's server step included
+    ledger.server(server_round, **{k: float(v) for k, v in metrics.items()}, eval_s=time.perf_counter() - t0, peak_memory_bytes=train.peak_memory_bytes(),
+                  **({} if accelerator is None else {"accelerator_peak_bytes": accelerator}))
     ledger.end_round(server_round)
     return MetricRecord({k: float(v) for k, v in metrics.items()})
 
 
 def run_fedavg_lora(grid: Grid, config: dict, run_dir: Path, ledger: Ledger, resume: checkpoint.Checkpoint | None) -> None:
-    model = specs.fedavg_model(config)
+    model = specs.fedavg_model(config).to(runtime.device(config, "server"))  # server-side evaluation
     initial, done = (resume.tensors, resume.round) if resume else (fedavg_lora.trainable_state(model), 0)
     strategy = FedAvgLoRA(model, optimizer=specs.optimizer_spec(config), local_steps=config["local-steps"], seed=config["seed"],
                           fraction_train=config["fraction-train"], min_available_nodes=config["num-clients"],

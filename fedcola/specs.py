@@ -78,14 +78,16 @@ def cola_strategy(config: dict, model: nn.Module | None = None, ledger: Ledger |
     """``strategies.ColA`` for the run config (``model``: the run's base model, built when not given)."""
     from strategies.cola import ColA
 
+    if model is None:  # the run's base model, on the server's device and in its dtype
+        model = runtime.base_model(config).to(runtime.device(config, "server"), train.DTYPES[config["server.dtype"]])
     return ColA(
-        runtime.base_model(config) if model is None else model, cola_targets(config), adapter=adapter_spec(config), mode=config["cola.mode"],
+        model, cola_targets(config), adapter=adapter_spec(config), mode=config["cola.mode"],
         optimizer=optimizer_spec(config), interval=config["cola.interval"], local_steps=config["local-steps"],
         fraction_train=config["fraction-train"], min_nodes=config["num-clients"], batch_size=config["batch-size"],
         max_length=config["data.max-length"], eval_examples=config["eval.client-max-examples"], wire_dtype=config["cola.wire-dtype"],
         weighting=config["cola.weighting"], seed=config["seed"], green=GreenColA(config["cola.green-rho"], config["cola.green-every"]),
         max_examples=config["max-examples"], max_update_ratio=config["max-update-ratio"], allow_empty_rounds=config["allow-empty-rounds"],
-        identity=config["cola.identity"], ledger=ledger,
+        identity=config["cola.identity"], offload_pairs=config["server.offload-pairs"], recompute=config["server.recompute"], ledger=ledger,
     )
 
 
@@ -115,7 +117,8 @@ def lte_model(config: dict, head_seed: int) -> nn.Module:
 
 @functools.lru_cache(maxsize=2)
 def _lte_cached_model(frozen_items: tuple) -> nn.Module:
-    return lte_model(dict(frozen_items), head_seed=0)
+    config = dict(frozen_items)
+    return lte_model(config, head_seed=0).to(runtime.device(config, "client"))
 
 
 def lte_cached_model(config: dict) -> nn.Module:
@@ -125,8 +128,8 @@ def lte_cached_model(config: dict) -> nn.Module:
 
 
 def lte_evaluator(config: dict) -> Callable[[ArrayRecord], dict[str, float]]:
-    """Server-side evaluation of ``W`` on (a prefix of) the validation split (``eval.max-examples``)."""
-    model = lte_model(config, head_seed=0)
+    """Server-side evaluation of ``W`` on (a prefix of) the validation split (``eval.max-examples``), on the server's device."""
+    model = lte_model(config, head_seed=0).to(runtime.device(config, "server"))
     val_loader = runtime.validation_loader(config)
 
     def evaluate(weights: ArrayRecord) -> dict[str, float]:
@@ -196,12 +199,14 @@ def fedavg_model(config: dict) -> nn.Module:
         raise ValueError(f"lora.targets '{config['lora.targets']}' do not fit model '{config['model']}': {err}") from None
 
 
-FEDAVG_MODEL_KEYS = ("model", "task", "dataset", "seed", "data.block-chars", "data.text-column", "data.label-column", "lora.r", "lora.alpha", "lora.targets")
+FEDAVG_MODEL_KEYS = ("model", "task", "dataset", "seed", "data.block-chars", "data.text-column", "data.label-column", "lora.r", "lora.alpha", "lora.targets",
+                     "client.device")
 
 
 @functools.lru_cache(maxsize=2)
 def _fedavg_cached_model(frozen_items: tuple) -> nn.Module:
-    return fedavg_model(dict(frozen_items))
+    config = dict(frozen_items)
+    return fedavg_model(config).to(runtime.device(config, "client"))
 
 
 def fedavg_cached_model(config: dict) -> nn.Module:

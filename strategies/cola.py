@@ -57,7 +57,8 @@ class ColA(Screened, Strategy):
     ``allow_empty_rounds`` lets a round in which no reply was accepted pass (a loud warning and a
     ledger status) instead of failing the run; ``identity`` = ``node`` (an adapter id stays with the
     node that first claimed it, also across a resume: use with SuperNode authentication) or ``claim``
-    (a node may take over the id of a node that is gone: ``fedcola.cola.book``)."""
+    (a node may take over the id of a node that is gone: ``fedcola.cola.book``); ``offload_pairs`` and
+    ``recompute`` make a lean server (``fedcola.cola.server``)."""
 
     def __init__(
         self,
@@ -82,13 +83,15 @@ class ColA(Screened, Strategy):
         max_update_ratio: float = 10.0,
         allow_empty_rounds: bool = False,
         identity: str = "node",
+        offload_pairs: bool = False,
+        recompute: bool = False,
         ledger: Ledger | None = None,
     ) -> None:
         if weighting not in ("equal", "examples"):
             raise ValueError(f"weighting must be 'equal' or 'examples', got {weighting!r}")
         if mode == "merged" and not adapter.mergeable:
             raise ValueError(f"{adapter.kind} auxiliary models are not mergeable: use mode 'unmerged' or 'detached'")
-        self.server = ColaServer(model, targets, mode=mode)
+        self.server = ColaServer(model, targets, mode=mode, offload_pairs=offload_pairs, recompute=recompute)
         self.dims = {name: layer_dims(m) for name, m in self.server.targets.items()}
         self.spec = ClientSpec(self.dims, adapter, optimizer, interval, wire_dtype, seed, sends_changes=sends_changes(mode, adapter))
         on_device = lambda ads: {k: a.to(self.server.device) for k, a in ads.items()}  # noqa: E731  (fp32, beside the model)

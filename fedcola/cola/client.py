@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.flop_counter import FlopCounterMode
@@ -45,10 +46,14 @@ def stateless(adapter_id: int) -> ValueError:
 
 class ColaClient:
     """One ColA client: ``adapter_id`` (its partition id: the server binds it to the node at first
-    contact), its training batches and, for client-side evaluation, its validation batches."""
+    contact), its training batches and, for client-side evaluation, its validation batches. Its
+    auxiliary models and optimizer state live in fp32 on ``device`` (the paper's split: a low-cost
+    device, CPU by default)."""
 
-    def __init__(self, adapter_id: int, train: TrainData, *, validation: Iterable[Batch] | None = None, examples: int | None = None) -> None:
+    def __init__(self, adapter_id: int, train: TrainData, *, validation: Iterable[Batch] | None = None, examples: int | None = None,
+                 device: torch.device | str = "cpu") -> None:
         self.adapter_id = int(adapter_id)
+        self.device = torch.device(device)
         self.data = held(train)
         self.validation = validation
         self.num_examples = num_examples(self.data, examples)  # the server's `examples` weighting
@@ -60,7 +65,8 @@ class ColaClient:
 
     def learner(self, context: Context, spec: ClientSpec) -> gl.GLClient:
         """This client's auxiliary models and optimizer, from ``context.state`` (fresh on first contact)."""
-        client = gl.GLClient(spec.adapters(self.adapter_id), optimizer=spec.optimizer.build, interval=spec.interval)
+        adapters = {layer: a.to(self.device) for layer, a in spec.adapters(self.adapter_id).items()}
+        client = gl.GLClient(adapters, optimizer=spec.optimizer.build, interval=spec.interval)
         if ADAPTERS in context.state.array_records:
             records.load_adapter_record(client.adapters, context.state.array_records[ADAPTERS])
             training.load_optimizer_record(client.optimizer, context.state.array_records[OPTIMIZER])
@@ -140,6 +146,7 @@ class ColaClient:
         metrics = MetricRecord({
             "rows": sum(next(iter(p.values()))[0].shape[0] for p in pairs), "flops": int(counter.get_total_flops()),
             "peak-memory-bytes": training.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0, "partition-id": self.adapter_id,
+            **training.accelerator_metrics(self.device),
         })
         adapter = context.state.array_records[ADAPTERS]
         if spec.sends_changes:  # w - w_acked, see `ParameterMean`

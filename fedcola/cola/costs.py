@@ -39,6 +39,8 @@ class RoundCosts:
         cost["flops"] += int(metrics["flops"])
         cost["wall_time_s"] += float(metrics["wall-time-s"])
         cost["peak_memory_bytes"] = max(cost["peak_memory_bytes"], int(metrics["peak-memory-bytes"]))
+        if "accelerator-peak-bytes" in metrics:  # a client on CUDA
+            cost["accelerator_peak_bytes"] = max(cost.get("accelerator_peak_bytes", 0), int(metrics["accelerator-peak-bytes"]))
 
     def add_evaluation(self, node: int, metrics: dict[str, float]) -> None:
         """A client's client-side evaluation (loss, task metric, examples) for the ledger."""
@@ -67,7 +69,7 @@ class RoundCosts:
                     "node_id": node, "partition_id": owner.get(node, -1), "num_examples": examples.get(node, 0),
                     "loss": loss, "bytes_up": int(cost["bytes_up"]), "bytes_down": int(cost["bytes_down"]),
                     "flops": int(cost["flops"]), "peak_memory_bytes": int(cost["peak_memory_bytes"]), "wall_time_s": cost["wall_time_s"],
-                    **{k: v for k, v in cost.items() if k.startswith("eval_")},
+                    **{k: v for k, v in cost.items() if k.startswith("eval_") or k == "accelerator_peak_bytes"},
                 })
         if ledger is not None:
             ledger.server(server_round, flops=int(self.server_flops), backward_flops=int(self.backward_flops), compute_s=self.compute_s, **server)

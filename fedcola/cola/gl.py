@@ -27,11 +27,11 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 def vjp_grads(adapter: nn.Module, x: Tensor, G: Tensor) -> dict[str, Tensor]:
-    """dL/dw = sum_rows G^T dg(x; w)/dw (Prop. 1) as one VJP, in the adapter's dtype."""
-    dtype = next(adapter.parameters()).dtype
+    """dL/dw = sum_rows G^T dg(x; w)/dw (Prop. 1) as one VJP, on the adapter's device and in its dtype."""
+    like = next(adapter.parameters())
     params = dict(adapter.named_parameters())
-    out = adapter(x.to(dtype))
-    return dict(zip(params, torch.autograd.grad(out, list(params.values()), G.to(dtype))))
+    out = adapter(x.to(like.device, like.dtype))
+    return dict(zip(params, torch.autograd.grad(out, list(params.values()), G.to(like.device, like.dtype))))
 
 
 def quadratic_target(adapter: nn.Module, x: Tensor, G: Tensor) -> Tensor:

@@ -19,12 +19,18 @@ Modes:
   * detached: unmerged, with auxiliary models fed x.detach() (see `fedcola.cola.capture`).
 Merged and unmerged give the same G for one client with a mergeable adapter. With K > 1 they
 differ: merged evaluates every client's rows in the averaged model W + mean_k dW_k, unmerged in
-client k's personal model W + dW_k.
+client k's personal model W + dW_k. Under a low-precision base (bf16 / fp16) merged mode never folds
+the mean into the weights: it acts as an fp32 side branch (`MeanBranch`), exact as in fp32.
+
+A lean server (options): `offload_pairs` moves each captured x_m and G_m to host memory as soon as
+it exists (the frozen layers' backward never reads them), `recompute` checkpoints the frozen blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -33,12 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
 from fedcola.cola.adapters import Adapter, Linear, find_targets
-from fedcola import train  # noqa: F401  (registers FlopCounterMode's CPU attention formulas)
-from fedcola.cola.capture import Capture, Router, token_rows
+from fedcola.train import FlopCount  # (its module registers FlopCounterMode's CPU attention formulas)
+from fedcola.cola.capture import Capture, MeanBranch, Router, recomputed, token_rows
 
 Mode = Literal["merged", "unmerged", "detached"]
 MODES: tuple[str, ...] = ("merged", "unmerged", "detached")
@@ -86,7 +91,8 @@ def concat_batches(batches: Mapping[Hashable, Mapping[str, Tensor]], pad_token_i
 class ColaServer:
     """Frozen base model with ColA attached at the layers matching `target_modules`; the model stays on
     its device and in its dtype (`dtype` casts it, e.g. float64 for exact tests). Client batches are moved
-    to the model's device; the pairs come back on it."""
+    to the model's device; the pairs come back on it, or in host memory with `offload_pairs`.
+    `recompute` recomputes each frozen block's activations in the backward (module docstring)."""
 
     def __init__(
         self,
@@ -94,6 +100,8 @@ class ColaServer:
         target_modules: str | Sequence[str],
         mode: Mode = "merged",
         dtype: torch.dtype | None = None,
+        offload_pairs: bool = False,
+        recompute: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown ColA mode {mode!r}; known modes: {list(MODES)}")
@@ -102,6 +110,24 @@ class ColaServer:
         self.targets = find_targets(self.model, target_modules)
         self.mode = mode
         self.pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+        self.offload_pairs, self.recompute = offload_pairs, recompute
+        self.low_precision = next(self.model.parameters()).dtype in (torch.bfloat16, torch.float16)
+        self._takes_cache = "use_cache" in inspect.signature(self.model.forward).parameters
+
+    @staticmethod
+    def coefficients(cids: Sequence[Hashable], weights: Mapping[Hashable, float] | None = None) -> dict[Hashable, float]:
+        """a_k of the merged mean: 1/K, or ``weights`` normalised."""
+        raw = [1.0] * len(cids) if weights is None else [float(weights[c]) for c in cids]
+        return {c: w / sum(raw) for c, w in zip(cids, raw)}
+
+    def _merged(self, adapters: Mapping[Hashable, Mapping[str, Adapter]], weights: Mapping[Hashable, float] | None = None
+                ) -> tuple[MeanBranch | None, dict[str, Tensor]]:
+        """Merged mode's forward: (router, weight overrides): W + mean dW swapped in, or the mean as an
+        fp32 side branch under a low-precision base, and with ``recompute`` (a block recomputed in the
+        backward runs outside ``functional_call``'s swap, but under the hooks)."""
+        if self.low_precision or self.recompute:
+            return MeanBranch(adapters, self.coefficients(list(adapters), weights)), {}
+        return None, self.merged_weights(adapters, weights)
 
     def merged_weights(
         self, adapters: Mapping[Hashable, Mapping[str, Adapter]], weights: Mapping[Hashable, float] | None = None
@@ -110,17 +136,16 @@ class ColaServer:
         cids = list(adapters)
         if not cids:
             return {}
-        raw = [1.0] * len(cids) if weights is None else [float(weights[c]) for c in cids]
-        a = [w / sum(raw) for w in raw]
+        a = list(self.coefficients(cids, weights).values())
         merged = {}
         for layer, module in self.targets.items():
-            dW = sum(ak * adapters[c][layer].delta_weight().detach() for ak, c in zip(a, cids)).to(module.weight.dtype)
+            dW = sum(ak * adapters[c][layer].delta_weight().detach() for ak, c in zip(a, cids)).to(module.weight.device, module.weight.dtype)
             merged[f"{layer}.weight"] = module.weight + (dW.T if isinstance(module, Conv1D) else dW)
             biases = [adapters[c][layer].delta_bias() for c in cids]
             if any(b is not None for b in biases):
                 if module.bias is None:
                     raise ValueError(f"{layer} has no bias to merge an adapter bias into; use unmerged mode")
-                db = sum(ak * b.detach() for ak, b in zip(a, biases) if b is not None).to(module.bias.dtype)
+                db = sum(ak * b.detach() for ak, b in zip(a, biases) if b is not None).to(module.bias.device, module.bias.dtype)
                 merged[f"{layer}.bias"] = module.bias + db
         return merged
 
@@ -150,20 +175,25 @@ class ColaServer:
         sizes = [len(batches[c]["labels"]) for c in cids]
         batch = {k: v.to(self.device) for k, v in concat_batches(batches, self.pad_token_id).items()}
         labels = batch.pop("labels")
+        if self._takes_cache:  # no KV cache: nothing reads it, and a recomputed block would extend it twice
+            batch["use_cache"] = False
         owners = [c for c, n in zip(cids, sizes) for _ in range(n)]
         if self.mode == "merged":
-            router, overrides = None, self.merged_weights(adapters, weights)
+            router, overrides = self._merged(adapters, weights) if adapters else (None, {})
         else:
             router, overrides = Router(adapters, owners, detach=self.mode == "detached"), {}
 
-        with Capture(self.targets, router, record=layers) as cap:
-            with FlopCounterMode(display=False) as forward:
+        with Capture(self.targets, router, record=layers, offload=self.offload_pairs) as cap, \
+                recomputed(self.model) if self.recompute else contextlib.nullcontext():
+            with FlopCount() as forward:
                 logits = functional_call(self.model, overrides, args=(), kwargs=batch, tie_weights=False).logits
                 losses = client_losses(logits, labels, sizes)
-            with FlopCounterMode(display=False) as backward:
+            with FlopCount() as backward:
                 full = cap.pairs(torch.stack(losses).sum())
 
         mask = batch.get("attention_mask")
+        if mask is not None and full:
+            mask = mask.to(next(iter(full.values()))[0].device)
         tokens = [int(m.sum()) for m in mask.split(sizes)] if mask is not None else None
         pairs: dict[Hashable, dict[str, tuple[Tensor, Tensor]]] = {cid: {} for cid in cids}
         for layer, (x, G) in full.items():  # the batch's token rows once per layer, then each client's share of them
@@ -183,12 +213,15 @@ class ColaServer:
         one client with non-mergeable auxiliary models, of its personal model W + g_k (Router)."""
         if all(a.mergeable for ads in adapters.values() for a in ads.values()):
             with torch.no_grad():
-                merged = self.merged_weights(adapters)
-            run = lambda inputs: functional_call(self.model, merged, args=(), kwargs=inputs, tie_weights=False).logits  # noqa: E731
+                branch, merged = self._merged(adapters)
+            if branch is not None:
+                run = functools.partial(self._routed, branch, None)
+            else:
+                run = lambda inputs: functional_call(self.model, merged, args=(), kwargs=inputs, tie_weights=False).logits  # noqa: E731
         elif len(adapters) != 1:
             raise ValueError("non-mergeable auxiliary models are evaluated one client at a time")
         else:
-            run = functools.partial(self._routed, adapters)
+            run = functools.partial(self._routed, None, adapters)
 
         @torch.no_grad()
         def predict(batch: Mapping[str, Tensor]) -> Tensor:
@@ -200,9 +233,10 @@ class ColaServer:
         """Logits of one batch (see `predictor`)."""
         return self.predictor(adapters)(batch)
 
-    def _routed(self, adapters: Mapping[Hashable, Mapping[str, Adapter]], inputs: Mapping[str, Tensor]) -> Tensor:
-        n = len(next(iter(inputs.values())))
-        router = Router(adapters, [next(iter(adapters))] * n)
+    def _routed(self, router: MeanBranch | None, adapters: Mapping[Hashable, Mapping[str, Adapter]] | None, inputs: Mapping[str, Tensor]) -> Tensor:
+        """Logits with ``router`` (or a Router of one client's ``adapters``) added at every adapted layer."""
+        if router is None:
+            router = Router(adapters, [next(iter(adapters))] * len(next(iter(inputs.values()))))
         handles = [m.register_forward_hook(lambda mod, args, out, layer=layer: router(layer, args[0], out)) for layer, m in self.targets.items()]
         try:
             return self.model(**inputs).logits
@@ -216,12 +250,13 @@ class ParameterMean:
     sum_k a_k dW(w_k) = dW(sum_k a_k w_k): the server keeps S = sum_k n_k w_k (float64) and N = sum_k n_k
     instead of K dense adapters (memory flat in K), and `adapters` = one adapter set holding S / N.
     Clients send the change of w_k since the version the server holds (``cola_fl.sends_changes``).
-    a_k = n_k / N, n_k fixed when client k joins."""
+    a_k = n_k / N, n_k fixed when client k joins. Both live in host memory (dense d_out x d_in per
+    layer: on an accelerator the mean is streamed layer by layer, ``capture.MeanBranch``)."""
 
     def __init__(self, template: Mapping[str, Adapter]) -> None:
         if not all(isinstance(a, Linear) for a in template.values()):
             raise TypeError("ParameterMean needs auxiliary models linear in their parameters (the linear kind)")
-        self.adapters = dict(template)
+        self.adapters = {layer: a.cpu() for layer, a in template.items()}
         self.sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in self._state().items()}
         self.n: dict[Hashable, float] = {}
 

@@ -90,6 +90,7 @@ class FedAvgLoRAClient:
             "num-examples": self.num_examples, "train-loss": float(stats.loss), "flops": int(stats.flops),
             "peak-memory-bytes": training.peak_memory_bytes(), "wall-time-s": float(stats.wall_time_s),
             "partition-id": self.client_id, "green-rho": self.green_rho,
+            **training.accelerator_metrics(next(self.model.parameters()).device),
         })
         content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics,
                               TRAINED: ConfigRecord({"names": list(state if selection is None else selection.names)})})

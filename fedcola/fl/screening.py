@@ -25,7 +25,7 @@ REQUIRED_METRICS = ("num-examples", "train-loss", "flops", "peak-memory-bytes", 
 MAX_EXAMPLES = 1_000_000  # default cap on a reply's num-examples (its weight in example-weighted means)
 COUNTS = ("num-examples",)  # positive integers up to the cap
 IDS = ("partition-id", "base-version")  # non-negative integers
-AMOUNTS = ("flops", "peak-memory-bytes", "wall-time-s", "rows", "green-rho")  # non-negative numbers
+AMOUNTS = ("flops", "peak-memory-bytes", "wall-time-s", "rows", "green-rho", "accelerator-peak-bytes")  # non-negative numbers
 
 
 def metric_problem(metrics: MetricRecord, max_examples: int = MAX_EXAMPLES) -> str | None:
@@ -98,6 +98,7 @@ def record_clients(server_round: int, kept: Iterable[Message], ledger: Ledger | 
             "node_id": msg.metadata.src_node_id, "partition_id": int(m["partition-id"]), "num_examples": int(m["num-examples"]),
             "loss": float(m["train-loss"]), "bytes_up": sum(nbytes(a) for a in msg.content.array_records.values()), "bytes_down": bytes_down,
             "flops": int(m["flops"]), "peak_memory_bytes": int(m["peak-memory-bytes"]), "wall_time_s": float(m["wall-time-s"]),
+            **({"accelerator_peak_bytes": int(m["accelerator-peak-bytes"])} if "accelerator-peak-bytes" in m else {}),
         })
 
 

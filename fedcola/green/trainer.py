@@ -187,7 +187,7 @@ def run_config(config: dict, run_dir: Path, on_step: Callable[[int, StepStats], 
     `warmup_linear_decay`, re-selection every `green.reselect-every` steps on
     `green.importance-batches` batches), evaluate the task metric on the validation split before and
     after, and write everything to `run_dir/green.json` (atomically). Returns that record."""
-    model = runtime.base_model(config)
+    model = runtime.base_model(config).to(runtime.device(config, "server"))
     loader = runtime.loader(config, runtime.dataset_splits(config)["train"], shuffle=True, seed=config["seed"])
     validation = runtime.validation_loader(config)
     before = train.evaluate(model, validation, config["task"])

@@ -170,6 +170,7 @@ class LTEClient:
             "num-examples": self.num_examples, "train-loss": float(stats.loss), "flops": int(stats.flops),
             "peak-memory-bytes": training.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0,
             "partition-id": self.client_id, "base-version": version, "green-rho": self.green_rho,
+            **training.accelerator_metrics(next(model.parameters()).device),
         })
         delta = head_delta(model, None if selection is None else selection.names)  # untrained heads: no delta
         return Message(RecordDict({"arrays": delta_record(delta), "metrics": metrics}), reply_to=msg)

@@ -245,7 +245,7 @@ def apply_merged_update(model: nn.Module, update: dict[str, Delta]) -> None:
     merged value). Heads and optimizer state are kept."""
     entries = _mergeables(model)
     for key, entry in update.items():
-        entries[key].base.add_(dense(entry).to(entries[key].base.dtype))
+        entries[key].base.add_(dense(entry).to(entries[key].base.device, entries[key].base.dtype))
     for target in entries.values():
         target.resync()
 
