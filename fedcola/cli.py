@@ -52,6 +52,14 @@ def loopback_ray(init_args: dict) -> dict:
     return {**init_args, "_node_ip_address": "127.0.0.1", "include_dashboard": False}
 
 
+class _RunSimulationDeprecation(logging.Filter):
+    """Drops Flower's deprecation warning of ``run_simulation``, the engine behind ``fedcola run``: it asks
+    for ``flwr run``, which runs the same apps (README), and is not the user's to act on here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 def preflight(config: dict) -> None:
     """Fail fast, in one line, on an unknown model or dataset, an impossible partitioning or a
     ``data.max-length`` beyond the model's positions."""
@@ -157,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         config = config | {"cola.identity": "claim"}
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("flwr").addFilter(_RunSimulationDeprecation())
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(run_dir / "ledger.json", config["rounds"], stop, metric_name(config["task"])), daemon=True)
     watcher.start()

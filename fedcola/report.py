@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 from fedcola.fl.ledger import atomic_write_bytes
@@ -49,9 +50,9 @@ def plot(ledger: dict, path: Path) -> Path:
 
 def summary_table(ledger: dict) -> Table:
     metric = metric_name(ledger["config"]["task"])
-    table = Table(title=f"{ledger['method']} · {ledger['status']}")
-    for col in ("round", f"val {metric}", "val loss", "clients", "skipped", "MiB up", "MiB down", "client GFLOPs", "wall s"):
-        table.add_column(col, justify="right")
+    table = Table(title=f"{ledger['method']} · {ledger['status']}", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)  # 80 columns
+    for col in ("round", f"val\n{metric}", "val\nloss", "clients", "skipped", "MiB\nup", "MiB\ndown", "client\nGFLOPs", "wall\ns"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in ledger["rounds"]:
         s, cs = r["server"], r["clients"]
         table.add_row(

@@ -1,7 +1,8 @@
-"""`flwr run .` on a local simulation federation runs the same ServerApp / ClientApp as `fedcola run`.
+"""`flwr run .` on a local simulation federation runs the same ServerApp / ClientApp as `fedcola run`:
+README's lines, as written.
 
 The federation comes from the shipped FLWR_HOME config (simulations/flwr-home/config.toml). `flwr run`
-starts a detached local SuperLink that outlives the command: the test stops it by pid. The run's
+starts a detached local SuperLink that outlives the command: README's `kill` stops it. The run's
 status is read with `flwr list`, since `--stream` exits 0 even when the ServerApp fails.
 """
 
@@ -10,10 +11,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
+import pytest
 import tomllib
 from fedcola.fl import ledger
 from fedcola.config import DEFAULTS
@@ -37,30 +38,48 @@ def _superlinks(flwr_home: Path):
     return found
 
 
-def test_flwr_run_local_simulation(tmp_path):
-    home = tmp_path / "flwr-home"
-    shutil.copytree(ROOT / "simulations" / "flwr-home", home)
-    env = os.environ | {
-        "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    out_dir = tmp_path / "runs"
-    run_config = f"rounds=1 local-steps=2 batch-size=4 eval.max-examples=32 data.max-length=32 out-dir='{out_dir}'"
+def _readme_lines() -> list[str]:
+    """README's `flwr run` block: copy the FLWR_HOME, run, list, stop (the bash lines, comments dropped)."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("cp -r simulations/flwr-home"):]
+    block = block[:block.index("```")]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_flwr_run_lines_as_written():
+    """README's `flwr run .` lines, typed as written from the repository root (its FLWR_HOME
+    /tmp/my-flwr-home, its .venv on PATH): the run finishes `finished:completed`, its ledger is there,
+    and the documented `kill` stops the SuperLink that `flwr run` left behind."""
+    copy, run, listing, stop = _readme_lines()
+    home = Path("/tmp/my-flwr-home")
+    if home.exists():
+        pytest.skip(f"{home} exists: README's lines would not start from a fresh FLWR_HOME")
+    if not (ROOT / ".venv" / "bin" / "flwr").exists():
+        pytest.skip("README's lines use the repository's .venv (make setup)")
+    out_dir = Path(re.search(r"out-dir='([^']+)'", run).group(1))
+    before = set(out_dir.iterdir()) if out_dir.exists() else set()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")} | {"FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    bash = lambda line, timeout: subprocess.run(["bash", "-c", line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)  # noqa: E731
     try:
-        proc = subprocess.run(["flwr", "run", ".", "local-sim", "--run-config", run_config, "--stream"],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert bash(copy, 60).returncode == 0
+        proc = bash(run, 900)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        listed = subprocess.run(["flwr", "list", "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        listed = bash(listing, 120)
         runs = json.loads(listed.stdout[listed.stdout.index("{"):])["runs"]
         assert [r["status"] for r in runs] == ["finished:completed"], runs
-        assert not (ROOT / "pyproject.toml").read_text().count("[tool.flwr.federations]")
+        assert _superlinks(home)
+        assert bash(stop, 60).returncode == 0
+        psutil.wait_procs(_superlinks(home), timeout=30)
+        assert not _superlinks(home)
     finally:
-        superlinks = _superlinks(home)
-        for p in superlinks:
+        leftover = _superlinks(home)
+        for p in leftover:
             p.kill()
-        psutil.wait_procs(superlinks, timeout=30)  # SIGKILL is asynchronous: wait until they are gone
-    runs_written = list(out_dir.iterdir())
-    assert len(runs_written) == 1 and re.match(r"fedavg_lora-minilm-rotten_tomatoes-", runs_written[0].name)
-    result = ledger.load(runs_written[0] / "ledger.json")
+        psutil.wait_procs(leftover, timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
+    (written,) = set(out_dir.iterdir()) - before
+    assert re.match(r"cola-minilm-rotten_tomatoes-", written.name)
+    result = ledger.load(written / "ledger.json")
     assert result["status"] == "completed" and len(result["rounds"][1]["clients"]) == 4
-    assert not _superlinks(home)
+    assert not (ROOT / "pyproject.toml").read_text().count("[tool.flwr.federations]")
+    shutil.rmtree(written)

@@ -48,3 +48,25 @@ def test_schema_violations(tmp_path, mutate, msg):
     mutate(data)
     with pytest.raises(L.LedgerError, match=msg):
         L.validate(data)
+
+
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def test_summary_table_fits_80_columns_with_whole_headers(tmp_path, task):
+    """`fedcola run` / `show` print it: at 80 columns no header is cut, every value shows."""
+    from rich.console import Console
+
+    from fedcola import report
+
+    led = L.Ledger(tmp_path / "ledger.json", "cola", {"task": task})
+    led.begin_round(1)
+    led.client(1, _client(1) | {"bytes_up": 157 * 2**20, "bytes_down": 999 * 2**20, "flops": 9999 * 10**9})
+    led.server(1, loss=0.5086, accuracy=0.7598, perplexity=123.45)
+    led.end_round(1)
+    led.finish("completed")
+    console = Console(width=80, record=True, file=open(tmp_path / "out.txt", "w"))
+    console.print(report.summary_table(L.load(tmp_path / "ledger.json")))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    metric = "accuracy" if task == "classification" else "perplexity"
+    for word in ("round", metric, "loss", "clients", "skipped", "MiB", "up", "down", "GFLOPs", "wall", "157.00", "999.00", "9999.0"):
+        assert word in text, word

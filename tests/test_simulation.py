@@ -60,6 +60,7 @@ def test_simulation_smoke(tmp_path, config, weight_key, metric):
     weights = load_file(str(run_dir / "final.safetensors"))
     assert any(weight_key in k for k in weights)
     assert f"{result['method']} · completed" in proc.stdout
+    assert "DEPRECATED" not in proc.stdout + proc.stderr  # Flower's run_simulation deprecation is not the user's to act on
     leftover = _leftovers(tag)
     assert not leftover, f"processes left behind: {[' '.join(p.cmdline())[:80] for p in leftover]}"
     json.dumps(result)
