@@ -34,9 +34,12 @@ def free_port() -> int:
 
 
 def flwr_env(home: Path) -> dict[str, str]:
-    """Environment of a Flower process: a private FLWR_HOME, offline, this interpreter's scripts first."""
+    """Environment of a Flower process: a private FLWR_HOME, offline, this interpreter's scripts first,
+    and SuperExec polling for new tasks every 50 ms (Flower's default 1 s; the SuperNode's own 3 s wait
+    for messages is fixed in flwr 1.42)."""
     return os.environ | {
         "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
         "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }

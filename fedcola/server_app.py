@@ -23,6 +23,7 @@ from fedcola.fl import checkpoint
 from fedcola.cola import records as cola_fl
 from fedcola.fedavg_lora import client as fedavg_lora
 from fedcola.fl.ledger import Ledger
+from fedcola.fl.polling import PollingGrid
 from fedcola.fl.ledger import load as load_ledger
 from fedcola.lte.heads import head_parameters
 from strategies.fedavg_lora import FedAvgLoRA
@@ -206,7 +207,7 @@ def make_app(config: dict | None = None, run_dir: Path | None = None) -> ServerA
         run_config = config if config is not None else cfg.from_run_config(context.run_config)
         if config is None and run_config["resume-dir"]:
             run_config = resumed_config(run_config["resume-dir"])
-        run_server(grid, run_config, run_dir or (Path(run_config["resume-dir"]) if run_config["resume-dir"] else new_run_dir(run_config)))
+        run_server(PollingGrid(grid), run_config, run_dir or (Path(run_config["resume-dir"]) if run_config["resume-dir"] else new_run_dir(run_config)))
 
     return app
 
