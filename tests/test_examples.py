@@ -32,7 +32,9 @@ def _run(name: str, tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
     assert len(trained) >= 2, ledger["rounds"]
     for rnd in trained:
         assert rnd["skipped"] == [], rnd["skipped"]
-        assert {c["partition_id"] for c in rnd["clients"] if c["loss"] is not None} == {0, 1}, rnd["round"]
+        clients = {c["partition_id"] for c in rnd["clients"] if c["loss"] is not None}
+        # async LTE merges replies as they arrive: a faster node may fill a round alone (both merge over the run: test_lte_examples)
+        assert clients == {0, 1} or (name == "lte_async" and clients and clients <= {0, 1}), rnd["round"]
     return out, ledger
 
 
