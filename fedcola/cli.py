@@ -60,6 +60,9 @@ class _RunSimulationDeprecation(logging.Filter):
         return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
+RUN_SIMULATION_DEPRECATION = _RunSimulationDeprecation()
+
+
 def preflight(config: dict) -> None:
     """Fail fast, in one line, on an unknown model or dataset, an impossible partitioning or a
     ``data.max-length`` beyond the model's positions."""
@@ -165,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         config = config | {"cola.identity": "claim"}
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    logging.getLogger("flwr").addFilter(_RunSimulationDeprecation())
+    logging.getLogger("flwr").addFilter(RUN_SIMULATION_DEPRECATION)  # one instance: added once however often run() runs
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(run_dir / "ledger.json", config["rounds"], stop, metric_name(config["task"])), daemon=True)
     watcher.start()

@@ -98,6 +98,7 @@ DEFAULTS: dict[str, Scalar] = {
 }
 
 METHODS = ("fedavg_lora", "cola", "lte")
+AGGREGATIONS = ("mean", "median", "trimmed-mean")  # as fedcola.fl.robust (not imported here: it pulls in Flower)
 
 
 class ConfigError(ValueError):
@@ -157,7 +158,7 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
                "cola.wire-dtype": ("fp16", "fp32", "bf16"), "cola.weighting": ("equal", "examples"),
                "cola.identity": ("node", "claim"), "server.dtype": ("fp32", "bf16", "fp16"),
                "lte.non-lora": ("frozen", "replicated"),
-               "fedavg.aggregation": ("mean", "median", "trimmed-mean"), "lte.aggregation": ("mean", "median", "trimmed-mean")}
+               "fedavg.aggregation": AGGREGATIONS, "lte.aggregation": AGGREGATIONS}
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {config[key]!r}")
@@ -166,7 +167,7 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
                 "eval.batch-size", "eval.max-examples", "eval.client-max-examples", "lte.r", "lora.alpha", "cola.mlp-hidden"):
         if config[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {config[key]}")
-    for key in ("lr", "weight-decay", "lte.alpha", "lte.staleness-exponent", "lte.async-mix", "lte.node-wait-s", "max-update-ratio"):
+    for key in ("lr", "weight-decay", "lte.alpha", "lte.staleness-exponent", "lte.async-mix", "lte.node-wait-s", "max-update-ratio", "client.num-gpus"):
         if not (math.isfinite(config[key]) and config[key] >= 0) or key in ("lr", "lte.alpha") and config[key] == 0:
             raise ConfigError(f"config key '{key}' must be a finite number {'> 0' if key in ('lr', 'lte.alpha') else '>= 0'}, got {config[key]}")
     if config["round-timeout"] <= 0:
@@ -178,8 +179,6 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
     for key in ("server.device", "client.device"):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config[key]):
             raise ConfigError(f"config key '{key}' must be auto, cpu, cuda or cuda:N, got {config[key]!r}")
-    if not (math.isfinite(config["client.num-gpus"]) and config["client.num-gpus"] >= 0):
-        raise ConfigError(f"config key 'client.num-gpus' must be a finite number >= 0, got {config['client.num-gpus']}")
     if config["lte.async"] and config["lte.aggregation"] != "mean":
         raise ConfigError("config key 'lte.aggregation': async LTE merges one delta at a time (no median to take); use it with lte.async = false")
     for key in ("fedavg.trim", "lte.trim"):

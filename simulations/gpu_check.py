@@ -37,10 +37,11 @@ TINY_RUN = ["--set", "rounds=1", "--set", "num-clients=2", "--set", "local-steps
             "--set", "eval.max-examples=64", "--set", "eval.client-max-examples=16", "--set", "data.max-length=32"]
 
 
-def check_equivalence(device: str) -> dict:
+def check_equivalence(device: str, tmp: Path) -> dict:
     """GL gradients from a ColA server on ``device`` vs peft LoRA / full fine-tuning there (fp32)."""
     import torch
 
+    from fedcola.cola.adapters import Linear, layer_dims
     from fedcola.cola.gl import vjp_grads
     from fedcola.cola.server import ColaServer
     from tests.test_cola_equivalence import BERT_TARGETS, LLAMA_TARGETS, batch, bert, llama, lowrank, peft_lora, rel
@@ -64,8 +65,6 @@ def check_equivalence(device: str) -> dict:
         data = {k: v.to(device) for k, v in batch(kind, 6, 10, seed=1).items()}
         full(**data).loss.backward()
         server = ColaServer(make().to(device), patterns, "merged")
-        from fedcola.cola.adapters import Linear, layer_dims
-
         linear = {n: Linear(*layer_dims(m)).to(device) for n, m in server.targets.items()}
         res = server.hidden_grads({0: data}, {0: linear})
         weights = dict(full.named_parameters())
@@ -77,7 +76,7 @@ def check_equivalence(device: str) -> dict:
     return {"ok": ok, "worst_relative_error": worst, "tolerance": 1e-4}
 
 
-def check_lean_and_bf16(device: str) -> dict:
+def check_lean_and_bf16(device: str, tmp: Path) -> dict:
     """The lean-server options and bf16 merged mode on ``device`` (the tests' own checks)."""
     import torch
 
@@ -141,7 +140,7 @@ def check_lte_and_green(device: str, tmp: Path) -> dict:
             "stderr_tail": (lte["stderr_tail"] if lte["exit"] else "") + (green["stderr_tail"] if green["exit"] else "")}
 
 
-def check_memory(device: str) -> dict:
+def check_memory(device: str, tmp: Path) -> dict:
     """Estimated vs measured peak of one step, a random-init ~1B Llama (bf16, batch 8, sequence 256)."""
     import torch
 
@@ -222,9 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             progress.update(task, description=name)
             start = time.time()
-            fn = CHECKS[name]
             try:
-                result = fn(args.device, Path(tmp)) if "tmp" in fn.__code__.co_varnames else fn(args.device)
+                result = CHECKS[name](args.device, Path(tmp))
             except Exception:  # a failing check is a result, and the next one still runs
                 result = {"ok": False, "error": traceback.format_exc()}
             result["seconds"] = time.time() - start

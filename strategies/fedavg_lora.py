@@ -33,8 +33,6 @@ def trained_names(content: RecordDict, current: ArrayRecord) -> list[str]:
     return list(current.keys()) if record is None else list(record["names"])
 
 
-
-
 def per_tensor_fedavg(current: ArrayRecord, contents: list[RecordDict], weight_key: str = "num-examples", aggregation: str = "mean",
                       trim: float = 0.2) -> ArrayRecord:
     """w_t <- sum_{k in S_t} n_k w_k,t / sum_{k in S_t} n_k, S_t = the clients that trained tensor t

@@ -44,6 +44,7 @@ class AdapterBook:
             raise ValueError(f"identity must be one of {', '.join(IDENTITIES)}, got {identity!r}")
         self.build, self.identity = build, identity
         self.template = records.adapter_record(build())
+        self.template_norm = _norm(self.template)  # what an honest new client's auxiliary models measure
         self.adapters: dict[int, dict[str, Adapter]] = {}  # per client, unless `mean` holds them
         self.mean = ParameterMean(build()) if use_mean else None
         self.synced: dict[int, bool] = {}  # node -> the server holds the adapters of the node's last reply
@@ -101,7 +102,7 @@ class AdapterBook:
         held = [_norm(records.adapter_record(a)) for n, a in self.adapters.items() if n != node]
         if self.mean is not None and self.mean.n:
             held.append(_norm(records.adapter_record(self.mean.adapters)))
-        reference = max(_norm(self.template), float(np.median(held)) if held else 0.0)
+        reference = max(self.template_norm, float(np.median(held)) if held else 0.0)
         norm = _norm(record)
         if not norm <= ratio * reference:
             return f"first auxiliary models' norm {norm:.3g} exceeds {ratio:g} x {reference:.3g} (a new client's or the held ones' median)"

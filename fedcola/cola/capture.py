@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from fedcola.cola.adapters import Linear
+
 
 class Router:
     """Per-sample routing in unmerged mode: sample i goes through its owner's adapter.
@@ -88,7 +90,7 @@ def _apply(adapter: nn.Module, x: Tensor) -> Tensor:
     params = {n: p.detach() for n, p in adapter.named_parameters()}
     if all(p.device == x.device for p in params.values()):
         return functional_call(adapter, params, (x,))
-    if isinstance(getattr(adapter, "weight", None), Tensor) and len(params) <= 2 and adapter.weight.dim() == 2:
+    if isinstance(adapter, Linear):
         return _Streamed.apply(x, params["weight"], params.get("bias"))
     return functional_call(adapter, {n: p.to(x.device, non_blocking=True) for n, p in params.items()}, (x,))
 

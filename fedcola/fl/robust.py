@@ -17,5 +17,7 @@ def check_aggregation(aggregation: str, trim: float) -> None:
 def robust_mean(values: list[np.ndarray], aggregation: str, trim: float = 0.2) -> np.ndarray:
     """The coordinate-wise ``median`` or ``trimmed-mean`` of the clients' ``values`` (same shape)."""
     check_aggregation(aggregation, trim)
+    if aggregation == "mean":
+        raise ValueError("robust_mean takes median or trimmed-mean; the plain mean is the caller's (weighted) own")
     results = [([v.astype(np.float64)], 1) for v in values]
     return np.asarray((aggregate_median(results) if aggregation == "median" else aggregate_trimmed_avg(results, trim))[0])

@@ -154,7 +154,7 @@ def merge_robust(W: dict[str, Tensor], deltas: Sequence[dict[str, Delta]], aggre
     for key, target in W.items():
         present = [dense(d[key]).double().cpu().numpy() for d in deltas if key in d]
         if present:
-            update[key] = torch.from_numpy(robust_mean(present, aggregation, trim)).to(target.dtype).to(target.device)
+            update[key] = torch.from_numpy(robust_mean(present, aggregation, trim)).to(target.device, target.dtype)
             target.add_(update[key])
     return update
 
