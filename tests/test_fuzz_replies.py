@@ -302,3 +302,6 @@ def test_metric_screen_names_the_bad_value():
     assert "num-examples" in metric_problem(MetricRecord(ok | {"num-examples": 10**12}), max_examples=1000)
     assert "finite" in metric_problem(MetricRecord(ok | {"flops": math.inf}))
     assert "partition-id" in metric_problem(MetricRecord(ok | {"partition-id": -1}))
+    assert metric_problem(MetricRecord(ok | {"accelerator-peak-bytes": 2**30})) is None  # a client on CUDA
+    for bad in (-1.0, math.nan, math.inf):
+        assert "accelerator-peak-bytes" in metric_problem(MetricRecord(ok | {"accelerator-peak-bytes": bad}))
