@@ -18,7 +18,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedcola import runtime
+from fedcola import runtime, tokens
 from fedcola.fl import state
 from fedcola import config as cfg
 
@@ -39,9 +39,10 @@ def node_handler(handle: Callable[[Message, Context, dict], Message]) -> Callabl
 
     def handler(msg: Message, context: Context) -> Message:
         node = runtime.node_options(context)
-        config = message_config(msg) | {runtime.DATA_PATH: node.data_path}
-        torch.set_num_threads(config["client.num-cpus"])
+        config = message_config(msg)
         state_dir = node.state_dir or config["client.state-dir"]
+        config |= {runtime.DATA_PATH: node.data_path, runtime.STATE_DIR: state_dir}
+        torch.set_num_threads(config["client.num-cpus"])
         resumes = [int(r) for r in cfg.names(config, "resumed-after")]
         if state_dir:
             folder = state.client_dir(state_dir, config["run-key"] or f"run-{context.run_id}", node.partition_id)
@@ -73,14 +74,14 @@ def cola_client(config: dict, pid: int, n: int):
     interval ``step``'s batches drawn from (seed, step, partition) only, a prefix of its validation split."""
     from fedcola.cola.client import ColaClient
 
-    part = runtime.client_split(config, pid, n)
+    part = runtime.client_data(config, pid, n)
 
     def batches(step: int, count: int) -> list[dict]:
         loader = iter(runtime.loader(config, part, shuffle=True, seed=runtime.round_seed(config, step, pid)))
         return [next(loader) for _ in range(count)]
 
     def validation():
-        held_out = runtime.client_split(config, pid, n, "validation")
+        held_out = runtime.client_data(config, pid, n, "validation")
         yield from runtime.loader(config, held_out.select(range(min(len(held_out), config["eval.client-max-examples"]))), shuffle=False, seed=0)
 
     return ColaClient(pid, batches, validation=validation(), examples=len(part), device=runtime.device(config, "client"))
@@ -105,8 +106,9 @@ def lte_train(msg: Message, context: Context, config: dict) -> Message:
     from fedcola.lte.client import LTEClient
 
     node = runtime.node_options(context)
-    part = runtime.client_split(config, node.partition_id, node.num_partitions)
-    client = LTEClient(specs.lte_cached_model(config), runtime.seeded_batches(config, part, node.partition_id), node.partition_id,
+    part = runtime.client_data(config, node.partition_id, node.num_partitions)
+    vocab_size = part.vocab_size if isinstance(part, tokens.Tokens) else None
+    client = LTEClient(specs.lte_cached_model(config, vocab_size), runtime.seeded_batches(config, part, node.partition_id), node.partition_id,
                        examples=len(part), green_rho=node.green_rho, slowdown=specs.lte_slowdown(config, node))
     return client.train(msg, context)
 

@@ -155,15 +155,26 @@ class Loopback:
             time.sleep(0.2)
         raise TimeoutError(f"the {name} did not open port {port} within {timeout} s")
 
-    def add_node(self, name: str, node_config: dict, key: Path | None = None) -> subprocess.Popen:
-        """Start a SuperNode (its own Runtime API port) with ``node_config`` and, with authentication, its private ``key``."""
+    def add_node(self, name: str, node_config: dict, key: Path | None = None, warm: bool = False) -> subprocess.Popen:
+        """Start a SuperNode (its own Runtime API port) with ``node_config`` and, with authentication, its
+        private ``key``; ``warm``: in process isolation, its ClientApps launched by ``fedcola-superexec``
+        (``<name>-exec``, forked from a process that imported their libraries once: ``fedcola.warm``)."""
         config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in node_config.items())
         auth = ["--auth-supernode-private-key", str(key)] if key is not None else []
-        return self._start(name, ["flower-supernode", *self._security(node=True), "--superlink", f"127.0.0.1:{self.fleet_port}",
-                                  "--port", str(free_port()), "--node-config", config, *auth])
+        port = free_port()
+        isolation = ["--isolation", "process"] if warm else []
+        node = self._start(name, ["flower-supernode", *self._security(node=True), "--superlink", f"127.0.0.1:{self.fleet_port}",
+                                  "--port", str(port), "--node-config", config, *auth, *isolation])
+        if warm:
+            self._start(f"{name}-exec", [sys.executable, "-m", "fedcola.warm", "--runtime-api-address", f"127.0.0.1:{port}", "--insecure",
+                                         "--parent-pid", str(node.pid)])
+        return node
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Signal a process and everything it started (its process group); wait until it is gone."""
+        """Signal a process and everything it started (its process group), and a SuperNode's warm
+        SuperExec; wait until they are gone."""
+        if f"{name}-exec" in self.procs:
+            self.kill(f"{name}-exec", sig)
         proc = self.procs.pop(name)
         try:
             os.killpg(proc.pid, sig)
@@ -182,7 +193,8 @@ class Loopback:
     def stop(self) -> None:
         """Stop every process this federation started (SuperNodes first), by process-group id."""
         for name in sorted(self.procs, key=lambda n: n == "superlink"):
-            self.kill(name, signal.SIGTERM)
+            if name in self.procs:  # a SuperNode's warm SuperExec goes with it
+                self.kill(name, signal.SIGTERM)
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")

@@ -5,17 +5,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import importlib.metadata
+import json
+from logging import WARNING
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.common.logger import log
 
-from fedcola import data, models, train
-from fedcola.char_tokenizer import dataset_char_tokenizer
+from fedcola import tokens, train
+
+# ``data`` and ``models`` (datasets, transformers) are imported where they are used: a deployed client
+# whose split is already tokenised on its disk (``client_data``) never imports them.
 
 DATA_PATH = "node.data-path"  # the node's own data in a client handler's config (not a run config key)
+STATE_DIR = "node.state-dir"  # the node's state dir in a client handler's config (not a run config key)
 
 
 def dataset_splits(config: dict):
+    from fedcola import data
+
     return data.load_splits(
         config["dataset"], seed=config["seed"], block_chars=config["data.block-chars"],
         text_column=config["data.text-column"], label_column=config["data.label-column"],
@@ -23,12 +33,18 @@ def dataset_splits(config: dict):
 
 
 def num_labels(config: dict) -> int | None:
+    """The classes of the run's dataset (None for a language model: its dataset is not loaded)."""
+    if config["task"] == "causal-lm":
+        return None
     feature = dataset_splits(config)["train"].features.get("label")
     return feature.num_classes if feature is not None and hasattr(feature, "num_classes") else None
 
 
 def tokenizer(config: dict):
     """Character-level for text models trained from scratch, the model's own tokenizer otherwise."""
+    from fedcola import models
+    from fedcola.char_tokenizer import dataset_char_tokenizer
+
     if config["task"] == "image-classification":
         return None
     if config["model"] in models.FROM_SCRATCH:
@@ -40,6 +56,8 @@ def base_model(config: dict):
     """The run's pretrained model, its task head initialised from the run's seed (identical in every process)."""
     import torch
 
+    from fedcola import models
+
     torch.manual_seed(config["seed"])
     return models.load_model(config["model"], config["task"], num_labels=num_labels(config))
 
@@ -50,7 +68,11 @@ def device(config: dict, role: str):
 
 
 def loader(config: dict, ds, shuffle: bool, seed: int, batch_size: int | None = None):
-    return train.make_loader(ds, tokenizer(config), config["task"], batch_size or config["batch-size"], config["data.max-length"], shuffle, seed)
+    """Batches of a split (a ``datasets.Dataset`` or ``tokens.Tokens``: the same batches), shuffled by ``seed``."""
+    batch_size = batch_size or config["batch-size"]
+    if isinstance(ds, tokens.Tokens):
+        return train.make_loader(ds, None, config["task"], batch_size, config["data.max-length"], shuffle, seed, collate=ds.collate)
+    return train.make_loader(ds, tokenizer(config), config["task"], batch_size, config["data.max-length"], shuffle, seed)
 
 
 def local_data(config: dict, path: str):
@@ -58,6 +80,8 @@ def local_data(config: dict, path: str):
     folder, read as ``fedcola.data`` reads local datasets), labels mapped by name onto the classes of
     the run's ``dataset`` (an integer label that is not a class name is taken as the class index)."""
     from datasets import ClassLabel
+
+    from fedcola import data
 
     ds = data.load_columns(path, config["data.block-chars"], config["data.text-column"], config["data.label-column"])
     feature = dataset_splits(config)["train"].features.get("label")
@@ -79,8 +103,13 @@ def local_data(config: dict, path: str):
     return ds.remove_columns("label").add_column("label", ids).cast_column("label", feature)
 
 
+SPLIT_KEYS = ("dataset", "seed", "data.block-chars", "data.text-column", "data.label-column", "partitioning", "eval.client-fraction")
+
+
 @functools.lru_cache(maxsize=256)  # one Ray actor may serve every virtual client of a run
 def _client_splits(frozen: tuple, partition_id: int, num_partitions: int):
+    from fedcola import data
+
     config = dict(frozen)
     if config[DATA_PATH]:
         part = local_data(config, config[DATA_PATH])
@@ -94,10 +123,53 @@ def client_split(config: dict, partition_id: int, num_partitions: int, split: st
     """A client's local ``train`` or ``validation`` split: its partition of the run's dataset, or the
     node's own data (``config[DATA_PATH]``, set by the ClientApp from the node config), of which
     ``eval.client-fraction`` (fixed seed) is held out for client-side evaluation."""
-    keys = ("dataset", "seed", "data.block-chars", "data.text-column", "data.label-column", "partitioning", "eval.client-fraction")
-    frozen = tuple((k, config[k]) for k in keys) + ((DATA_PATH, config.get(DATA_PATH, "")),)
+    frozen = tuple((k, config[k]) for k in SPLIT_KEYS) + ((DATA_PATH, config.get(DATA_PATH, "")),)
     splits = _client_splits(frozen, partition_id, num_partitions)
     return splits["train" if split == "train" else "test"]
+
+
+TOKENS_KEYS = SPLIT_KEYS + ("model", "task", "data.max-length")
+
+
+def client_data(config: dict, partition_id: int, num_partitions: int, split: str = "train"):
+    """A client's split as :func:`client_split` gives it, tokenised once (``tokens.Tokens``) and kept in
+    ``tokens.cache_dir`` of the node's state dir (``config[STATE_DIR]``) under a digest of everything it depends on (the config keys of the
+    split and the tokenisation, the partition, the tokenizer libraries' versions, local files' size and
+    mtime); image splits are returned as they are. A file that cannot be written (full disk, read-only
+    folder) is logged and the tokens used from memory."""
+    if config["task"] == "image-classification":
+        return client_split(config, partition_id, num_partitions, split)
+    frozen = tuple((k, config[k]) for k in TOKENS_KEYS) + ((DATA_PATH, config.get(DATA_PATH, "")),)
+    return _client_tokens(frozen, partition_id, num_partitions, split, str(tokens.cache_dir(config.get(STATE_DIR, ""))))
+
+
+@functools.lru_cache(maxsize=256)
+def _client_tokens(frozen: tuple, partition_id: int, num_partitions: int, split: str, folder: str) -> tokens.Tokens:
+    config = dict(frozen)
+    path = Path(folder) / f"{_digest(config, partition_id, num_partitions, split)}.safetensors"
+    cached = tokens.load_tokens(path)
+    if cached is not None:
+        return cached
+    made = tokens.tokenize(client_split(config, partition_id, num_partitions, split), tokenizer(config), config["task"], config["data.max-length"])
+    try:
+        tokens.save_tokens(made, path)
+    except OSError as e:
+        log(WARNING, "tokenised split not cached (%s): tokenising again in the next process", e)
+    return made
+
+
+def _digest(config: dict, partition_id: int, num_partitions: int, split: str) -> str:
+    def source(value):
+        path = Path(str(value)).expanduser() if value else None
+        if path is None or not path.exists():
+            return value
+        stat = path.stat()
+        return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+    versions = [importlib.metadata.version(p) for p in ("tokenizers", "transformers", "datasets", "flwr-datasets")]
+    what = [tokens.FORMAT, sorted(config.items()), [source(config[k]) for k in ("dataset", "model", DATA_PATH)], partition_id, num_partitions,
+            split, versions]
+    return hashlib.sha256(json.dumps(what, default=str).encode()).hexdigest()[:32]
 
 
 def validation_loader(config: dict):

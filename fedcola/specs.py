@@ -101,30 +101,31 @@ def lte_spec(config: dict) -> LTESpec:
                    optimizer=optimizer_spec(config), local_steps=config["local-steps"])
 
 
-def lte_model(config: dict, head_seed: int) -> nn.Module:
+def lte_model(config: dict, head_seed: int, vocab_size: int | None = None) -> nn.Module:
     """The run's from-scratch model (seeded by ``seed``, so every process builds the same ``W``) with LTE
-    heads seeded by ``head_seed``; with ``lte.full-rank`` no heads and every parameter a replica."""
+    heads seeded by ``head_seed``; with ``lte.full-rank`` no heads and every parameter a replica. A text
+    model's ``vocab_size`` is its tokenizer's (given by a client that has its split tokenised already)."""
     spec = models.ScratchSpec(hidden=config["scratch.hidden"], layers=config["scratch.layers"], heads=config["scratch.heads"],
                               patch_size=config["scratch.patch-size"])
     if config["task"] == "image-classification":
         channels, height, _ = np.shape(runtime.dataset_splits(config)["train"][0]["pixel_values"])
         spec = dataclasses.replace(spec, image_size=height, channels=channels)
     else:
-        spec = dataclasses.replace(spec, vocab_size=len(runtime.tokenizer(config)), max_len=config["data.max-length"])
+        spec = dataclasses.replace(spec, vocab_size=vocab_size or len(runtime.tokenizer(config)), max_len=config["data.max-length"])
     torch.manual_seed(config["seed"])
     return lte_spec(config).attach(models.load_model(config["model"], config["task"], num_labels=runtime.num_labels(config), spec=spec), head_seed)
 
 
 @functools.lru_cache(maxsize=2)
-def _lte_cached_model(frozen_items: tuple) -> nn.Module:
+def _lte_cached_model(frozen_items: tuple, vocab_size: int | None) -> nn.Module:
     config = dict(frozen_items)
-    return lte_model(config, head_seed=0).to(runtime.device(config, "client"))
+    return lte_model(config, head_seed=0, vocab_size=vocab_size).to(runtime.device(config, "client"))
 
 
-def lte_cached_model(config: dict) -> nn.Module:
+def lte_cached_model(config: dict, vocab_size: int | None = None) -> nn.Module:
     """One model per process and run config (``server-round`` aside): each message loads a client's
     whole state into it (``lte.client.sync_model``), so it is built once, not per message."""
-    return _lte_cached_model(tuple(sorted((k, v) for k, v in config.items() if k != "server-round")))
+    return _lte_cached_model(tuple(sorted((k, v) for k, v in config.items() if k != "server-round")), vocab_size)
 
 
 def lte_evaluator(config: dict) -> Callable[[ArrayRecord], dict[str, float]]:
@@ -218,7 +219,7 @@ def fedavg_client(config: dict, partition_id: int, num_partitions: int, rho: flo
     """fedcola's own FedAvg-LoRA client: the cached model, round r's batches drawn from (seed, r, partition)."""
     from fedcola.fedavg_lora.client import FedAvgLoRAClient
 
-    part = runtime.client_split(config, partition_id, num_partitions)
+    part = runtime.client_data(config, partition_id, num_partitions)
     return FedAvgLoRAClient(fedavg_cached_model(config), runtime.seeded_batches(config, part, partition_id), partition_id,
                             examples=len(part), green_rho=rho)
 

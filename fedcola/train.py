@@ -14,14 +14,17 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from datasets import Dataset
 from flwr.app import ArrayRecord
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 # FlopCounterMode knows sdpa's CUDA kernels but not the CPU flash kernel that sdpa runs on this kind
 # of machine, so attention would go uncounted: register torch's own sdpa formulas for it.
@@ -112,9 +115,10 @@ def collate_fn(tokenizer, task: str, max_length: int):
     return collate
 
 
-def make_loader(ds: Dataset, tokenizer, task: str, batch_size: int, max_length: int, shuffle: bool, seed: int) -> DataLoader:
+def make_loader(ds: Dataset, tokenizer, task: str, batch_size: int, max_length: int, shuffle: bool, seed: int, collate=None) -> DataLoader:
+    """Batches of ``ds`` (rows collated by ``collate``, else by ``collate_fn`` with ``tokenizer``), shuffled by ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn(tokenizer, task, max_length))
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate or collate_fn(tokenizer, task, max_length))
 
 
 def cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:

@@ -2,10 +2,15 @@
 
     .venv/bin/python -m simulations.deploy_bench [--out docs/deploy] [--rounds 2] [--repeats 1]
 
-Arms, interleaved per method (simulation, deployment, simulation, ...):
+Arms, interleaved per method and repeat (simulation, deployment, floor, warm deployment, warm floor):
   * simulation: ``fedcola run`` (Flower's simulation engine, one Ray actor per client, in one process);
   * deployment: a SuperLink and one SuperNode per client as separate processes on loopback
-    (``fedcola.loopback``, plain HTTP), the run submitted with ``flwr run``.
+    (``fedcola.loopback``, plain HTTP), the run submitted with ``flwr run``;
+  * floor: the no-op app ``simulations/noop_app`` (its ClientApp imports only flwr) on the same kind of
+    deployment, exchanging messages of the sizes the method's deployment just moved (per client and
+    exchange, down and up) as often per round: Flower's own cost of an exchange, the physical limit;
+  * warm deployment, warm floor: the same with SuperNodes in process isolation and ``fedcola-superexec``
+    (``fedcola.warm``: each message's process forked from one that imported its libraries once).
 Per round r >= 1 the ledger gives the round's wall time L (server: sending, waiting, aggregating,
 evaluating), the server's own compute S (``eval_s``: server-side evaluation, plus for ColA
 ``compute_s``: hidden pairs and client-side evaluation) and each client's handler wall time
@@ -15,6 +20,8 @@ compute on the round's critical path is the largest client's, C = max_k wall_tim
 deployment a fresh ``flwr-clientapp`` process per message and the grid's reply polling), plus our
 (de)serialisation, which runs inside neither timer. The table also gives, for the deployment, the
 share of its round latency that simulation does not have, (L_dep - L_sim) / L_dep.
+Per exchange: ColA's deployed round / its exchanges; LTE's deployed round less its clients' training
+(the largest ``wall-time-s``) per exchange; the floor's mean exchange; each over the floor's.
 Round 1 includes first contact (adapters, full sync); the table reports the last round.
 The load average is recorded before the first arm and at the end (``--note`` adds what else ran):
 absolute seconds move with the machine's load, ratios measured in one session much less.
@@ -38,6 +45,8 @@ from fedcola import loopback
 from fedcola.fl import ledger
 
 ROOT = Path(__file__).resolve().parents[1]
+NOOP_APP = ROOT / "simulations" / "noop_app"
+WAIT_POLL_S = 10.0  # `flwr list` to see whether a run finished: one process start per poll, kept rare (the rounds are timed inside)
 CONFIGS = {  # the same short configs in both arms
     "cola": ("simulations/cola_minilm_rt.toml", {"local-steps": 2, "batch-size": 8, "eval.max-examples": 64, "eval.client-max-examples": 16, "data.max-length": 32}),
     "lte": ("simulations/lte_gpt_hamlet.toml", {"local-steps": 10, "eval.max-examples": 64}),
@@ -56,15 +65,15 @@ def run_simulation(method: str, overrides: dict, run_dir: Path) -> dict:
     return ledger.load(run_dir / "ledger.json")
 
 
-def run_deployment(method: str, overrides: dict, root: Path, num_clients: int) -> dict:
+def run_deployment(method: str, overrides: dict, root: Path, num_clients: int, warm: bool = False) -> dict:
     path, _ = CONFIGS[method]
     keys = cfg.flatten(tomllib.loads((ROOT / path).read_text())) | overrides | {"out-dir": str(root / "runs")}
     fed = loopback.Loopback(root).start()
     try:
         for i in range(num_clients):
-            fed.add_node(f"node{i}", {"partition-id": i, "num-partitions": num_clients})
+            fed.add_node(f"node{i}", {"partition-id": i, "num-partitions": num_clients}, warm=warm)
         run_id = fed.submit(ROOT, " ".join(f"{k}={_toml(v)}" for k, v in keys.items()))
-        status = fed.wait(run_id, timeout=3600)
+        status = fed.wait(run_id, timeout=3600, poll=WAIT_POLL_S)
         if status != "finished:completed":
             raise RuntimeError(f"deployment run {run_id}: {status}\n{fed.log('superlink')[-3000:]}")
     finally:
@@ -73,15 +82,42 @@ def run_deployment(method: str, overrides: dict, root: Path, num_clients: int) -
     return ledger.load(ledger_file)
 
 
+def run_floor(root: Path, num_clients: int, rounds: int, exchanges: int, down: int, up: int, warm: bool = False) -> list[dict]:
+    """The no-op app on a fresh loopback deployment: per round, its exchanges' wall times."""
+    fed = loopback.Loopback(root).start()
+    try:
+        for i in range(num_clients):
+            fed.add_node(f"node{i}", {"partition-id": i, "num-partitions": num_clients}, warm=warm)
+        out = root / "floor.json"
+        run_id = fed.submit(NOOP_APP, f'rounds={rounds} exchanges={exchanges} down-bytes={down} up-bytes={up} nodes={num_clients} out="{out}"')
+        status = fed.wait(run_id, timeout=1800, poll=WAIT_POLL_S)
+        if status != "finished:completed":
+            raise RuntimeError(f"no-op run {run_id}: {status}\n{fed.log('superlink')[-3000:]}")
+    finally:
+        fed.stop()
+    rounds_out = json.loads(out.read_text())["rounds"]
+    return [{"round": r["round"], "latency_s": r["wall_time_s"], "exchange_s": sum(r["exchange_s"]) / len(r["exchange_s"]),
+             "client_compute_s": 0.0, "server_compute_s": 0.0, "clients": num_clients} for r in rounds_out[1:]]
+
+
 def round_figures(result: dict) -> list[dict]:
-    """Per round >= 1: latency L, the critical-path client compute C, and the number of clients."""
+    """Per round >= 1: latency L, the critical-path client compute C, the number of clients and the bytes
+    one client moved (mean over clients, down and up)."""
     out = []
     for rnd in result["rounds"][1:]:
         compute = max(c["wall_time_s"] for c in rnd["clients"])
         server = rnd["server"].get("compute_s", 0.0) + rnd["server"].get("eval_s", 0.0)
+        clients = rnd["clients"]
         out.append({"round": rnd["round"], "latency_s": rnd["wall_time_s"], "client_compute_s": compute, "server_compute_s": server,
-                    "clients": len(rnd["clients"])})
+                    "clients": len(clients), "bytes_down": sum(c["bytes_down"] for c in clients) / len(clients),
+                    "bytes_up": sum(c["bytes_up"] for c in clients) / len(clients)})
     return out
+
+
+def exchange_s(method: str, figures: dict) -> float:
+    """One deployed exchange: the round over its exchanges, LTE's net of its clients' training."""
+    net = figures["latency_s"] - (figures["client_compute_s"] if method == "lte" else 0.0)
+    return net / exchanges_per_round(method)
 
 
 def exchanges_per_round(method: str) -> int:
@@ -96,57 +132,71 @@ def ours_share(figures: dict) -> float:
     return (figures["client_compute_s"] + figures["server_compute_s"]) / figures["latency_s"]
 
 
+ARMS = ("simulation", "deployment", "floor", "warm deployment", "warm floor")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def summarize(results: list[dict]) -> list[dict]:
-    """Per method: the last round of each arm (mean over repeats) and the ratios."""
+    """Per method and arm: the last round (mean over repeats); per exchange and the ratios."""
     rows = []
     for method in CONFIGS:
-        arms = {}
-        for arm in ("simulation", "deployment"):
-            last = [r["rounds"][-1] for r in results if r["method"] == method and r["arm"] == arm]
-            if last:
-                arms[arm] = {k: sum(x.get(k, 0.0) for x in last) / len(last) for k in ("latency_s", "client_compute_s", "server_compute_s")}
-        if len(arms) < 2:
+        last = {arm: [r["rounds"][-1] for r in results if r["method"] == method and r["arm"] == arm] for arm in ARMS}
+        if not all(last.values()):
             continue
-        sim, dep = arms["simulation"], arms["deployment"]
-        ours = [ours_share(r["rounds"][-1]) for r in results if r["method"] == method and r["arm"] == "deployment"]
+        latency = {arm: _mean([x["latency_s"] for x in last[arm]]) for arm in ARMS}
+        exchange = {arm: _mean([x["exchange_s"] if "floor" in arm else exchange_s(method, x) for x in last[arm]]) for arm in ARMS}
+        sim, dep, warm = (last[a][0] | {"latency_s": latency[a], "client_compute_s": _mean([x["client_compute_s"] for x in last[a]]),
+                                         "server_compute_s": _mean([x["server_compute_s"] for x in last[a]])}
+                          for a in ("simulation", "deployment", "warm deployment"))
         rows.append({
-            "method": method, "sim_latency_s": sim["latency_s"], "dep_latency_s": dep["latency_s"],
-            "dep_over_sim": dep["latency_s"] / sim["latency_s"],
-            "sim_compute_share": sim["client_compute_s"] / sim["latency_s"],
-            "dep_compute_share": dep["client_compute_s"] / dep["latency_s"],
-            "sim_ours_share": ours_share(sim),
-            "dep_ours_share": ours_share(dep),
-            "dep_ours_share_per_run": ours,
-            "dep_messaging_share": (dep["latency_s"] - sim["latency_s"]) / dep["latency_s"],
-            "exchanges_per_round": exchanges_per_round(method),
-            "added_s_per_exchange": (dep["latency_s"] - sim["latency_s"]) / exchanges_per_round(method),
+            "method": method, "exchanges_per_round": exchanges_per_round(method), "latency_s": latency, "exchange_s": exchange,
+            "cold_over_floor": exchange["deployment"] / exchange["floor"], "warm_over_floor": exchange["warm deployment"] / exchange["floor"],
+            "warm_over_warm_floor": exchange["warm deployment"] / exchange["warm floor"],
+            "cold_over_sim": dep["latency_s"] / sim["latency_s"], "warm_over_sim": warm["latency_s"] / sim["latency_s"],
+            "ours_share": {"simulation": ours_share(sim), "deployment": ours_share(dep), "warm deployment": ours_share(warm)},
         })
     return rows
 
 
 def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
     lines = [
-        "# Deployment vs simulation: round latency", "",
+        "# Deployed rounds vs Flower's floor and vs simulation", "",
         f"Measured {meta['date']} on a 2-core machine ({meta['platform']}), flwr {meta['flwr']}, "
-        f"{meta['num_clients']} clients, {meta['rounds']} rounds, last round shown, mean of {meta['repeats']} run(s) per arm, arms interleaved.",
+        f"{meta['num_clients']} clients, {meta['rounds']} rounds, last round shown, mean of {meta['repeats']} run(s) per arm, arms interleaved "
+        f"({', '.join(ARMS)}, per method and repeat).",
         f"1/5/15-min load average {_loads(meta)}. {meta.get('note', '')} Absolute seconds move with the machine's load; "
         "ratios measured in one session much less.", "",
-        "| method | sim round (s) | deploy round (s) | deploy / sim | ours, sim | ours, deploy | client compute, deploy | deployment-only share | exchanges / round | added s / exchange |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "**Per message exchange** (server -> every client -> server), seconds:", "",
+        "| method | floor | fedcola | fedcola / floor | warm floor | fedcola, warm | fedcola, warm / floor | fedcola, warm / warm floor |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['sim_latency_s']:.1f} | {r['dep_latency_s']:.1f} | {r['dep_over_sim']:.2f} | "
-                     f"{r['sim_ours_share']:.1%} | {r['dep_ours_share']:.1%} | {r['dep_compute_share']:.1%} | {r['dep_messaging_share']:.1%} | "
-                     f"{r['exchanges_per_round']} | {r['added_s_per_exchange']:.0f} |")
-    lines += ["", "Ours in the deployment, per run: " + "; ".join(f"{r['method']} " + ", ".join(f"{x:.1%}" for x in r.get("dep_ours_share_per_run", []))
-                                                          for r in rows)]
+        e = r["exchange_s"]
+        lines.append(f"| {r['method']} | {e['floor']:.2f} | {e['deployment']:.2f} | {r['cold_over_floor']:.2f} | {e['warm floor']:.2f} | "
+                     f"{e['warm deployment']:.2f} | **{r['warm_over_floor']:.2f}** | {r['warm_over_warm_floor']:.2f} |")
+    lines += ["", "**Per round**, seconds:", "",
+              "| method | simulation | deployment | deployment / sim | warm deployment | warm / sim | ours: sim, deploy, warm | exchanges / round |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lat, ours = r["latency_s"], r["ours_share"]
+        lines.append(f"| {r['method']} | {lat['simulation']:.1f} | {lat['deployment']:.1f} | {r['cold_over_sim']:.1f} | {lat['warm deployment']:.1f} | "
+                     f"**{r['warm_over_sim']:.1f}** | {ours['simulation']:.0%}, {ours['deployment']:.0%}, {ours['warm deployment']:.0%} | "
+                     f"{r['exchanges_per_round']} |")
     lines += ["", "Configs: " + "; ".join(f"{m}: `{p}` with {o}" for m, (p, o) in CONFIGS.items()), "",
-              "Ours = (server compute + the largest client's handler wall time) / round latency, server compute being",
-              "the ledger's `eval_s` (+ ColA's `compute_s`: hidden pairs and client-side evaluation); the rest is Flower's.",
-              "Deployment-only share = (deploy round - sim round) / deploy round: what deployment adds (a fresh",
-              "`flwr-clientapp` process per message, HTTP transport, reply polling). Added s / exchange = (deploy round -",
-              "sim round) / message exchanges per round (ColA: one train message per interval, which also fetches the",
-              "next interval's batches, plus the evaluation query). See docs/deploy.md, section 9.", ""]
+              "- **floor**: the no-op app `simulations/noop_app` (its ClientApp imports only flwr and replies with as many bytes as it is",
+              "  asked for) on the same loopback deployment (same SuperLink / SuperNode settings, the same 50 ms reply polling),",
+              "  exchanging the bytes per client that the method's deployment moved per exchange: Flower's own cost of an exchange.",
+              "- **fedcola**: the method's deployed round / its exchanges per round (ColA: one train message per interval, which also",
+              "  fetches the next interval's batches, plus the evaluation query; LTE: one), LTE's net of its clients' training (the",
+              "  largest handler wall time).",
+              "- **warm**: SuperNodes in process isolation with `fedcola-superexec` (`fedcola/warm.py`): Flower's SuperExec, each",
+              "  message's ClientApp process forked from one that imported torch (and the other libraries) once.",
+              "- **ours** = (server compute + the largest client's handler wall time) / round latency; the rest is Flower's",
+              "  (transport, process starts, the SuperNode's fixed 3 s wait between pulls when it has no message, its 0.5 s",
+              "  reply polling) and our (de)serialisation. See docs/deploy.md, section 9.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -161,16 +211,14 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    labels, compute, rest = [], [], []
-    for r in rows:
-        for arm, key, share in (("sim", "sim_latency_s", "sim_compute_share"), ("deploy", "dep_latency_s", "dep_compute_share")):
-            labels.append(f"{r['method']}\n{arm}")
-            compute.append(r[key] * r[share])
-            rest.append(r[key] * (1 - r[share]))
-    ax.bar(labels, compute, label="client compute (critical path)")
-    ax.bar(labels, rest, bottom=compute, label="server + messaging")
-    ax.set_ylabel("round latency (s)")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    arms = ("floor", "deployment", "warm floor", "warm deployment")
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        ax.bar([j + i * width for j in range(len(rows))], [r["exchange_s"][arm] for r in rows], width,
+               label=arm.replace("deployment", "fedcola"))
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [r["method"] for r in rows])
+    ax.set_ylabel("seconds per exchange")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -196,15 +244,22 @@ def main(argv: list[str] | None = None) -> None:
 
     load_at_start = os.getloadavg()
     results = []
-    jobs = [(m, arm) for _ in range(args.repeats) for m in args.methods.split(",") for arm in ("simulation", "deployment")]
+    jobs = [(m, arm) for _ in range(args.repeats) for m in args.methods.split(",") for arm in ARMS]
     with tempfile.TemporaryDirectory() as tmp, Progress() as progress:
         task = progress.add_task("deploy bench", total=len(jobs))
         for i, (method, arm) in enumerate(jobs):
             overrides = CONFIGS[method][1] | {"rounds": args.rounds, "num-clients": args.clients}
             root = Path(tmp) / f"{i}-{method}-{arm}"
             t0 = time.perf_counter()
-            result = run_simulation(method, overrides, root) if arm == "simulation" else run_deployment(method, overrides, root, args.clients)
-            results.append({"method": method, "arm": arm, "total_s": time.perf_counter() - t0, "rounds": round_figures(result)})
+            warm = arm.startswith("warm")
+            if arm.endswith("floor"):  # the sizes the method's last deployment moved per client and exchange
+                last, k = [r for r in results if r["method"] == method and r["arm"].endswith("deployment")][-1]["rounds"][-1], exchanges_per_round(method)
+                figures = run_floor(root, args.clients, args.rounds, k, int(last["bytes_down"] / k), int(last["bytes_up"] / k), warm)
+            elif arm == "simulation":
+                figures = round_figures(run_simulation(method, overrides, root))
+            else:
+                figures = round_figures(run_deployment(method, overrides, root, args.clients, warm))
+            results.append({"method": method, "arm": arm, "total_s": time.perf_counter() - t0, "rounds": figures})
             progress.update(task, advance=1, description=f"{method} {arm}: {results[-1]['rounds'][-1]['latency_s']:.1f} s/round")
     meta = {"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(), "flwr": flwr.__version__, "num_clients": args.clients,
             "rounds": args.rounds, "repeats": args.repeats, "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),

@@ -57,18 +57,24 @@ def _stopped(fed):
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory, tiny_assets):
-    """3 SuperNodes over plain HTTP: two hold partitions of the run's dataset, one its own CSV file."""
-    root = tmp_path_factory.mktemp("plain")
+def _partitions(root: Path, warm: bool = False, own: Path | None = None):
+    """A plain-HTTP federation on ``root``: two SuperNodes on partitions of the run's dataset (+ one on its
+    ``own`` CSV file), each with a state dir; ``warm``: their ClientApps launched by ``fedcola-superexec``."""
     fed = loopback.Loopback(root).start()
     try:
         for i in range(2):
-            fed.add_node(f"node{i}", {"partition-id": i, "num-partitions": 2, "state-dir": str(root / f"state{i}")})
-        fed.add_node("node2", {"partition-id": 2, "data-path": str(tiny_assets["own"]), "state-dir": str(root / "state2")})
+            fed.add_node(f"node{i}", {"partition-id": i, "num-partitions": 2, "state-dir": str(root / f"state{i}")}, warm=warm)
+        if own is not None:
+            fed.add_node("node2", {"partition-id": 2, "data-path": str(own), "state-dir": str(root / "state2")})
         yield fed
     finally:
         _stopped(fed)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, tiny_assets):
+    """3 SuperNodes over plain HTTP: two hold partitions of the run's dataset, one its own CSV file."""
+    yield from _partitions(tmp_path_factory.mktemp("plain"), own=tiny_assets["own"])
 
 
 def test_cola_and_lte_runs_on_a_plain_deployment(plain, tiny_assets, tmp_path):
@@ -80,6 +86,21 @@ def test_cola_and_lte_runs_on_a_plain_deployment(plain, tiny_assets, tmp_path):
         assert dict(saved.config_records[state.NODE]) == {"messages": 3, "restores": 0, "server-round": 1, "run-id": str(run_id), "generation": 0, "first-round": 1}
         assert "cola.adapters" in saved.array_records and "cola.optimizer" in saved.array_records
     run_and_check(plain, tiny_assets, "lte", tmp_path / "lte", 3)
+    assert "Start `flwr-clientapp` process" in plain.log("node0")  # Flower's SuperExec: a fresh process per message
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """2 SuperNodes in process isolation, their ClientApps launched warm by ``fedcola-superexec``."""
+    yield from _partitions(tmp_path_factory.mktemp("warm"), warm=True)
+
+
+def test_cola_and_lte_run_on_warm_supernodes_from_their_tokenised_splits(warm, tiny_assets, tmp_path):
+    run_and_check(warm, tiny_assets, "cola", tmp_path / "cola", 2)
+    run_and_check(warm, tiny_assets, "lte", tmp_path / "lte", 2)
+    for i in range(2):
+        assert "Start `flwr-clientapp` process" not in warm.log(f"node{i}") + warm.log(f"node{i}-exec")  # forked, not started
+        assert len(list((warm.root / f"state{i}" / "tokens").glob("*.safetensors"))) == 2  # train and validation split, tokenised once
 
 
 def _latest(state_dir: Path) -> Path | None:

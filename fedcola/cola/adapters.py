@@ -15,7 +15,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 
 class Adapter(nn.Module):
@@ -104,14 +103,21 @@ def make_adapter(kind: str, d_in: int, d_out: int, **opts) -> Adapter:
     return ADAPTERS[kind](d_in, d_out, **opts)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2), imported here only: a ColA client, which adapts no model, never loads transformers."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
 def is_linear_layer(module: nn.Module) -> bool:
     """True for nn.Linear and transformers' Conv1D (GPT-2), the layers ColA can adapt."""
-    return isinstance(module, (nn.Linear, Conv1D))
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an adaptable layer; Conv1D stores its weight as (d_in, d_out)."""
-    if isinstance(module, Conv1D):
+    if is_conv1d(module):
         d_in, d_out = module.weight.shape
         return d_in, d_out
     if isinstance(module, nn.Linear):
