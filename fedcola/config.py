@@ -52,6 +52,8 @@ DEFAULTS: dict[str, Scalar] = {
     "cola.interval": 1,
     "cola.mlp-hidden": 128,
     "cola.wire-dtype": "fp16",
+    "cola.wire": "auto",
+    "cola.share-inputs": True,
     "cola.weighting": "equal",
     "cola.green-rho": 1.0,
     "cola.green-every": 1,
@@ -155,7 +157,7 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
     if config["method"] not in METHODS:
         raise ConfigError(f"config key 'method': unknown method '{config['method']}', known: {', '.join(METHODS)}")
     choices = {"cola.mode": ("merged", "unmerged", "detached"), "cola.adapter": ("low-rank", "linear", "mlp"),
-               "cola.wire-dtype": ("fp16", "fp32", "bf16"), "cola.weighting": ("equal", "examples"),
+               "cola.wire-dtype": ("fp16", "fp32", "bf16", "int8"), "cola.wire": ("pairs", "grads", "auto"), "cola.weighting": ("equal", "examples"),
                "cola.identity": ("node", "claim"), "server.dtype": ("fp32", "bf16", "fp16"),
                "lte.non-lora": ("frozen", "replicated"),
                "fedavg.aggregation": AGGREGATIONS, "lte.aggregation": AGGREGATIONS}
@@ -181,6 +183,10 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
             raise ConfigError(f"config key '{key}' must be auto, cpu, cuda or cuda:N, got {config[key]!r}")
     if config["lte.async"] and config["lte.aggregation"] != "mean":
         raise ConfigError("config key 'lte.aggregation': async LTE merges one delta at a time (no median to take); use it with lte.async = false")
+    if config["cola.wire-dtype"] == "int8" and config["cola.wire"] != "pairs":
+        raise ConfigError("config key 'cola.wire-dtype': int8 is a format of the pairs; use it with cola.wire = 'pairs'")
+    if config["cola.wire"] == "grads" and config["cola.adapter"] == "mlp":
+        raise ConfigError("config key 'cola.wire': the server forms gradients of low-rank and linear auxiliary models only; use 'pairs' or 'auto' with mlp")
     for key in ("fedavg.trim", "lte.trim"):
         if not 0.0 <= config[key] < 0.5:
             raise ConfigError(f"config key '{key}' must be in [0, 0.5), got {config[key]}")

@@ -261,7 +261,7 @@ def measure_bytes(cfg: dict) -> dict:
     """Bytes of one ColA step ((x, G) down in fp16 without padding rows; batch + adapter up) vs the naive
     fp32 (x, G) at padded length `seq`, on real batches; and a FedAvg-LoRA round's ArrayRecords."""
     from fedcola import models, runtime, specs, train
-    from fedcola.cola import records as cola_fl
+    from fedcola.cola import payload, records as cola_fl
     from fedcola.fedavg_lora import client as fedavg_lora
     from fedcola.fl import wire
     from fedcola.cola.capture import Capture
@@ -286,8 +286,8 @@ def measure_bytes(cfg: dict) -> dict:
             naive = cap.pairs(torch.stack(client_losses(logits, batch["labels"], [len(batch["labels"])])).sum())
         steps.append({
             "tokens": int(batch["attention_mask"].sum()), "padded_length": int(batch["input_ids"].shape[1]),
-            "pairs_fp16_bytes": wire.nbytes(wire.pack(cola_fl.pairs_payload([pairs]), "fp16")),
-            "pairs_naive_fp32_bytes": wire.nbytes(wire.pack(cola_fl.pairs_payload([naive]), "fp32")),
+            "pairs_fp16_bytes": wire.nbytes(wire.pack(payload.encode([pairs], None, "pairs", share=False).tensors, "fp16")),
+            "pairs_naive_fp32_bytes": wire.nbytes(wire.pack(payload.encode([naive], None, "pairs", share=False).tensors, "fp32")),
             "batch_up_bytes": wire.nbytes(cola_fl.batch_record([batch])),
         })
     adapter_bytes = wire.nbytes(cola_fl.adapter_record(adapters))
@@ -519,9 +519,10 @@ def write_readme(doc: dict, out: Path) -> None:
     rows = [["ColA merged low-rank (per step: batch up + adapter up + (x, G) down)", f"{bs['cola_round']:,.0f}", "1.00x"]]
     rows += [[f"FedAvg-LoRA ({t}; LoRA + classifier, fp32, down + up)", f"{b:,.0f}", f"{b / bs['cola_round']:.4f}x"] for t, b in bs["fedavg_round"].items()]
     lines += table(["method", "bytes per round", "vs ColA"], rows)
-    lines += ["", "ColA trades traffic for server compute: a client never runs the base model, but every local step moves "
-              "activations and their gradients, which is orders of magnitude more bytes than FedAvg-LoRA's once-per-round "
-              "adapter exchange.", "", "## Targets", ""]
+    lines += ["", "These are the paper's pairs, every layer's input sent. What travels by default now (`cola.wire = auto`: "
+              "shared inputs once, and the gradient the server forms where it is smaller than the pairs) and its bytes per "
+              "round next to FedAvg-LoRA's, measured in full runs: [traffic.md](traffic.md) (`python -m simulations.cola_traffic`).",
+              "", "## Targets", ""]
     lines += table(["target", "holds", "measured"], [[t, "yes" if ok else "**no**", m] for t, ok, m in targets(results)])
     lines += ["", "## Notes", "",
               "- Merged linear auxiliary models: the server keeps only their parameter mean (`cola.ParameterMean`: a "

@@ -2,8 +2,8 @@
 
 One interval (DESIGN.md, "ColA round"): ``query.cola`` -> each sampled client sends I batches (and, at
 first contact, its auxiliary models); the server runs its frozen base model once per batch index over
-all clients' batches (``ColaServer.hidden_grads``) and sends each client its rows of (x_m, G_m) in a
-``train.cola`` message, which also asks a client sampled for the next interval for that interval's
+all clients' batches (``ColaServer.hidden_grads``) and sends each client its rows of (x_m, G_m), or
+where smaller the gradient they give (``fedcola.cola.payload``), in a ``train.cola`` message, which also asks a client sampled for the next interval for that interval's
 batches; the client does gradient learning (``fedcola.cola.client.ColaClient``) and replies with its
 auxiliary models. A round is ``local_steps`` intervals, then client-side evaluation. Bad replies are
 skipped with a logged reason (``fedcola.cola.replies``). In your own ServerApp::
@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
-from fedcola.cola import records
+from fedcola.cola import payload, records
 from fedcola.cola.adapters import layer_dims
 from fedcola.cola.book import AdapterBook
 from fedcola.cola.costs import RoundCosts
@@ -58,7 +58,10 @@ class ColA(Screened, Strategy):
     ledger status) instead of failing the run; ``identity`` = ``node`` (an adapter id stays with the
     node that first claimed it, also across a resume: use with SuperNode authentication) or ``claim``
     (a node may take over the id of a node that is gone: ``fedcola.cola.book``); ``offload_pairs`` and
-    ``recompute`` make a lean server (``fedcola.cola.server``)."""
+    ``recompute`` make a lean server (``fedcola.cola.server``). ``wire`` is what a train message carries
+    per layer (``fedcola.cola.payload``): ``pairs`` (x, G), ``grads`` (the gradient the server forms,
+    low-rank and linear) or ``auto`` (the smaller, default), in ``wire_dtype`` (``int8``: pairs only);
+    ``share_inputs`` sends an input shared by several layers once (exact; off only to measure it)."""
 
     def __init__(
         self,
@@ -76,6 +79,8 @@ class ColA(Screened, Strategy):
         max_length: int | None = None,
         eval_examples: int = 64,
         wire_dtype: str = "fp16",
+        wire: str = "auto",
+        share_inputs: bool = True,
         weighting: str = "equal",
         seed: int = 0,
         green: GreenColA | None = None,
@@ -91,6 +96,10 @@ class ColA(Screened, Strategy):
             raise ValueError(f"weighting must be 'equal' or 'examples', got {weighting!r}")
         if mode == "merged" and not adapter.mergeable:
             raise ValueError(f"{adapter.kind} auxiliary models are not mergeable: use mode 'unmerged' or 'detached'")
+        if wire not in payload.WIRE_MODES or (wire == "grads" and adapter.kind == "mlp") or (wire_dtype == "int8" and wire != "pairs"):
+            raise ValueError(f"ColA wire {wire!r} with {adapter.kind} auxiliary models and wire dtype {wire_dtype}: use one of "
+                             f"{', '.join(payload.WIRE_MODES)}; gradients are formed for low-rank and linear models only, int8 is a pairs format")
+        self.wire, self.share_inputs = wire, share_inputs
         self.server = ColaServer(model, targets, mode=mode, offload_pairs=offload_pairs, recompute=recompute)
         self.dims = {name: layer_dims(m) for name, m in self.server.targets.items()}
         self.spec = ClientSpec(self.dims, adapter, optimizer, interval, wire_dtype, seed, sends_changes=sends_changes(mode, adapter))
@@ -227,13 +236,29 @@ class ColA(Screened, Strategy):
         following = set(self.sample(grid, next_step)) if next_step is not None else set()
         messages = []
         for node, per_batch in pairs.items():
-            record = wire.pack(records.pairs_payload(per_batch), self.spec.wire_dtype)
+            enc = self.encode(node, per_batch)
+            rounding = torch.Generator().manual_seed(hash((self.seed, self._step, node)) % 2**63)  # int8's stochastic rounding
+            record = wire.pack(enc.tensors, self.spec.wire_dtype, rounding)
             self.costs.clients[node]["bytes_down"] += wire.nbytes(record)
             extra = {} if self._layers is None else {"layers": list(self._layers)}
+            extra |= {"fingerprint": enc.fingerprint} if enc.fingerprint else {}
             control = self._control(node, **extra, **({"next-step": next_step} if node in following else {}))
-            messages.append(self._message(node, config, control, FIT, pairs=record))
+            shared = {"shared": ConfigRecord(enc.shared)} if enc.shared else {}
+            messages.append(self._message(node, config, control, FIT, pairs=record, **shared))
             self.book.synced[node] = False  # until its reply is taken
         return messages
+
+    def encode(self, node: int, per_batch: list[dict]) -> payload.Encoded:
+        """The node's payload (``fedcola.cola.payload``, ``wire``): gradients are formed only with the server's
+        copy of the node's own last reply (``book.synced``) or, merged linear, with the parameter mean."""
+        if self.book.mean is not None:
+            adapters, own = self.book.mean.adapters, False
+        else:
+            adapters, own = (self.book.adapters[node] if self.book.synced.get(node, False) and node in self.book.adapters else None), True
+        t0 = time.perf_counter()
+        enc = payload.encode(per_batch, adapters, self.wire, own, self.share_inputs)
+        self.costs.add_payload(enc, len(per_batch[0]) if per_batch else 0, time.perf_counter() - t0)
+        return enc
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Take each client's updated auxiliary models, or the change of its parameters (parameter mean);

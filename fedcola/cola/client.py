@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedcola import train as training
 from fedcola.cola import gl
-from fedcola.cola import records
+from fedcola.cola import payload, records
 from fedcola.cola.spec import ClientSpec
 from fedcola.fl import wire
 from fedcola.fl.batches import Batch, TrainData, held, interval_batches, num_examples
@@ -125,8 +125,9 @@ class ColaClient:
         return Message(content, reply_to=msg)
 
     def train(self, msg: Message, context: Context) -> Message:
-        """Step 5: one gradient-learning update per adaptation interval from the server's (x, G), on the
-        layers the message carries (Green-ColA: ``control["layers"]``); the reply's ``importance``
+        """Step 5: one gradient-learning update per adaptation interval from the server's (x, G) or, where the
+        server formed them, the gradients themselves (``fedcola.cola.payload``), on the layers the message
+        carries (Green-ColA: ``control["layers"]``); the reply's ``importance``
         record names each trained layer's I_m = -sum(g_m * dw_m) of this update and, when
         ``control["next-step"]`` asks, carries the batches of that next interval."""
         control = msg.content.config_records["control"]
@@ -137,14 +138,17 @@ class ColaClient:
         client = self.learner(context, spec)
         tensors = wire.unpack(msg.content.array_records["pairs"], spec.wire_dtype)
         dims = spec.selected(control.get("layers"))  # Green-ColA: only the selected layers travel and train
-        pairs = records.pairs_from_payload(tensors, dims, spec.interval)
+        shared = msg.content.config_records["shared"] if "shared" in msg.content.config_records else {}
+        pairs, grads = payload.decode(tensors, shared, client.adapters, dims, spec.interval)
+        if "fingerprint" in control and control["fingerprint"] != payload.fingerprint(client.adapters, payload.fingerprinted(client.adapters, grads)):
+            raise ValueError("the server formed this client's gradients with auxiliary models other than its own (state lost or restored?)")
         t0 = time.perf_counter()
         with FlopCounterMode(display=False) as counter:
-            for batch_pairs in pairs:
-                client.step(batch_pairs)
+            for i, batch_pairs in enumerate(pairs):
+                client.step(batch_pairs, mean_grads=grads if i == len(pairs) - 1 else None)
         self.save(context, client)
         metrics = MetricRecord({
-            "rows": sum(next(iter(p.values()))[0].shape[0] for p in pairs), "flops": int(counter.get_total_flops()),
+            "rows": sum(x.shape[0] for p in pairs for x, _ in list(p.values())[:1]), "flops": int(counter.get_total_flops()),
             "peak-memory-bytes": training.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0, "partition-id": self.adapter_id,
             **training.accelerator_metrics(self.device),
         })

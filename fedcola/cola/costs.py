@@ -19,7 +19,8 @@ class RoundCosts:
     def reset(self) -> None:
         self.clients: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.server_flops = self.backward_flops = 0
-        self.compute_s = 0.0  # the server's own model work: hidden pairs and client-side evaluation
+        self.compute_s = 0.0  # the server's own model work: hidden pairs, gradients sent, client-side evaluation
+        self.payload = {"grads_layers": 0, "pairs_layers": 0, "shared_inputs": 0, "payload_flops": 0, "payload_s": 0.0}
 
     def add_server_step(self, hg: HiddenGrads, batches: dict, i: int, interval: int, classification: bool) -> None:
         """One ``hidden_grads`` call over batch index ``i`` of the interval: its FLOPs and each client's loss / accuracy."""
@@ -32,6 +33,16 @@ class RoundCosts:
             if classification:
                 cost["correct"] += float((hg.logits[n].argmax(-1).cpu() == labels.cpu()).sum())
                 cost["seen"] += len(labels)
+
+    def add_payload(self, enc, layers: int, seconds: float) -> None:
+        """One client's train payload (``fedcola.cola.payload.Encoded`` over ``layers`` layers): which travelled,
+        the FLOPs and time its gradients cost the server."""
+        self.payload["grads_layers"] += len(enc.grads)
+        self.payload["pairs_layers"] += layers - len(enc.grads)
+        self.payload["shared_inputs"] += len(enc.shared)
+        self.payload["payload_flops"] += enc.flops
+        self.payload["payload_s"] += seconds
+        self.compute_s += seconds
 
     def add_reply(self, node: int, metrics: MetricRecord, bytes_up: int) -> None:
         cost = self.clients[node]
@@ -72,7 +83,8 @@ class RoundCosts:
                     **{k: v for k, v in cost.items() if k.startswith("eval_") or k == "accelerator_peak_bytes"},
                 })
         if ledger is not None:
-            ledger.server(server_round, flops=int(self.server_flops), backward_flops=int(self.backward_flops), compute_s=self.compute_s, **server)
+            ledger.server(server_round, flops=int(self.server_flops), backward_flops=int(self.backward_flops), compute_s=self.compute_s,
+                          **self.payload, **server)
         metrics = {"train-loss": sum(losses) / max(len(losses), 1), "server-flops": float(self.server_flops),
                    "server-backward-flops": float(self.backward_flops)}
         if seen:

@@ -27,10 +27,11 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 def vjp_grads(adapter: nn.Module, x: Tensor, G: Tensor) -> dict[str, Tensor]:
-    """dL/dw = sum_rows G^T dg(x; w)/dw (Prop. 1) as one VJP, on the adapter's device and in its dtype."""
+    """dL/dw = sum_rows G^T dg(x; w)/dw (Prop. 1) as one VJP, on the adapter's device and in its dtype
+    (at its parameters' values, also when they are frozen: the server's copy of a client's model)."""
     like = next(adapter.parameters())
-    params = dict(adapter.named_parameters())
-    out = adapter(x.to(like.device, like.dtype))
+    params = {n: p.detach().requires_grad_(True) for n, p in adapter.named_parameters()}
+    out = functional_call(adapter, params, (x.to(like.device, like.dtype),))
     return dict(zip(params, torch.autograd.grad(out, list(params.values()), G.to(like.device, like.dtype))))
 
 
@@ -88,18 +89,24 @@ class GLClient:
                            for layer, held in before.items() if held}
         self.optimizer.zero_grad(set_to_none=True)
 
-    def step(self, pairs: Pairs) -> bool:
-        """One GL step per layer as a VJP (Prop. 1); returns True when the optimizer stepped."""
+    def step(self, pairs: Pairs, mean_grads: Mapping[str, Mapping[str, Tensor]] | None = None) -> bool:
+        """One GL step per layer as a VJP (Prop. 1); returns True when the optimizer stepped. At the
+        interval's last batch, ``mean_grads`` {layer: {param: dL/dw}} are the interval's mean gradients of
+        layers without pairs, formed by the server (``fedcola.cola.payload``)."""
         for layer, (x, G) in pairs.items():
             self._set_grads(layer, vjp_grads(self.adapters[layer], x, G))
         self.pending += 1
         if self.pending < self.interval:
+            if mean_grads:
+                raise ValueError("mean gradients arrive with the interval's last batch")
             return False
         if self.interval > 1:
             for a in self.adapters.values():
                 for p in a.parameters():
                     if p.grad is not None:
                         p.grad.div_(self.interval)
+        for layer, grads in (mean_grads or {}).items():
+            self._set_grads(layer, grads)
         self._optimizer_step()
         self.pending = 0
         return True

@@ -6,7 +6,8 @@ Record layouts (DESIGN.md, "ColA round"):
     ``"b<i>/labels"`` (int64) for i < I, the adaptation interval.
   * hidden pairs: ArrayRecord ``"b<i>/<layer>/x"`` (rows, d_in), ``"b<i>/<layer>/G"`` (rows, d_out),
     non-padding rows only, in the run's wire dtype; with Green-ColA only for the selected layers,
-    listed in the message's ``control["layers"]``.
+    listed in the message's ``control["layers"]``; shared inputs and gradients instead of pairs:
+    ``fedcola.cola.payload``.
 """
 
 from __future__ import annotations
@@ -77,10 +78,6 @@ def check_batches(record: ArrayRecord, max_batches: int, batch_size: int, vocab_
 def unpack_batches(record: ArrayRecord) -> list[dict[str, torch.Tensor]]:
     state = record.to_torch_state_dict()
     return [{k: state[f"b{i}/{k}"].long() for k in BATCH_KEYS} for i in range(batch_count(record))]
-
-
-def pairs_payload(pairs_by_batch: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
-    return {f"b{i}/{layer}/{part}": t for i, pairs in enumerate(pairs_by_batch) for layer, (x, G) in pairs.items() for part, t in (("x", x), ("G", G))}
 
 
 def pairs_from_payload(tensors: dict[str, torch.Tensor], dims: dict[str, tuple[int, int]], interval: int) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:

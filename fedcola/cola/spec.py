@@ -14,9 +14,9 @@ import torch
 from flwr.app import ConfigRecord
 
 from fedcola.cola.adapters import ADAPTERS, Adapter, make_adapter
+from fedcola.fl.wire import WIRE_DTYPES
 from fedcola.train import OptimizerSpec
 
-WIRE_DTYPES = ("fp16", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
