@@ -189,3 +189,11 @@ def test_the_flower_round_trip_sends_gradients_and_refuses_another_clients(cola_
     again = strategy.configure_fit(strategy.hidden_pairs(batches), ConfigRecord(dict(config)))[0]
     assert "fingerprint" not in again.content.config_records["control"]
     assert not any(k.startswith("g/") for k in again.content.array_records["pairs"].keys())
+
+
+def test_the_config_refuses_int8_gradients_and_mlp_gradients_in_one_line():
+    for keys, reason in (({"cola.wire-dtype": "int8"}, "int8 is a format of the pairs"),
+                         ({"cola.adapter": "mlp", "cola.mode": "unmerged", "cola.wire": "grads"}, "low-rank and linear auxiliary models only")):
+        with pytest.raises(cfg.ConfigError, match=reason):
+            cfg.build({"method": "cola"} | keys)
+    assert cfg.build({"method": "cola", "cola.wire-dtype": "int8", "cola.wire": "pairs"})["cola.wire-dtype"] == "int8"

@@ -154,11 +154,10 @@ def decode(tensors: Mapping[str, Tensor], shared: Mapping[str, str], adapters: M
             raise ValueError(f"layer {m}: NaN or Inf in the gradients")
         grads[m] = named
     pair_dims = {m: d for m, d in dims.items() if m not in grads}
-    want = {f"g/{m}/{n}" for m in grads for n in grads[m]}
-    want |= {f"b{i}/{m}/G" for i in range(interval) for m in pair_dims}
-    want |= {f"b{i}/{m}/x" for i in range(interval) for m in pair_dims if f"b{i}/{m}" not in shared}
-    if set(tensors) != want or not set(shared) <= {f"b{i}/{m}" for i in range(interval) for m in pair_dims}:
-        unknown = sorted((set(tensors) - want) | (set(shared) - {f"b{i}/{m}" for i in range(interval) for m in pair_dims}))[:3]
+    slots = {f"b{i}/{m}" for i in range(interval) for m in pair_dims}  # a batch's layer sent as pairs
+    want = {f"g/{m}/{n}" for m in grads for n in grads[m]} | {f"{slot}/G" for slot in slots} | {f"{slot}/x" for slot in slots - set(shared)}
+    if set(tensors) != want or not set(shared) <= slots:
+        unknown = sorted((set(tensors) - want) | (set(shared) - slots))[:3]
         raise ValueError(f"payload does not match this client's layers (unknown {unknown}, missing {sorted(want - set(tensors))[:3]})")
     resolved = dict(tensors)
     for key, source in shared.items():
