@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Scalar] = {
     "cola.interval": 1,
     "cola.mlp-hidden": 128,
     "cola.wire-dtype": "fp16",
+    "cola.upload-dtype": "fp16",  # merged mode: the dtype of the change a client's train reply carries (fp16, fp32, bf16)
     "cola.wire": "auto",
     "cola.share-inputs": True,
     "cola.weighting": "equal",
@@ -157,7 +158,7 @@ def build(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
     if config["method"] not in METHODS:
         raise ConfigError(f"config key 'method': unknown method '{config['method']}', known: {', '.join(METHODS)}")
     choices = {"cola.mode": ("merged", "unmerged", "detached"), "cola.adapter": ("low-rank", "linear", "mlp"),
-               "cola.wire-dtype": ("fp16", "fp32", "bf16", "int8"), "cola.wire": ("pairs", "grads", "auto"), "cola.weighting": ("equal", "examples"),
+               "cola.wire-dtype": ("fp16", "fp32", "bf16", "int8"), "cola.wire": ("pairs", "grads", "auto"), "cola.upload-dtype": ("fp16", "fp32", "bf16"), "cola.weighting": ("equal", "examples"),
                "cola.identity": ("node", "claim"), "server.dtype": ("fp32", "bf16", "fp16"),
                "lte.non-lora": ("frozen", "replicated"),
                "fedavg.aggregation": AGGREGATIONS, "lte.aggregation": AGGREGATIONS}

@@ -71,7 +71,7 @@ def cola_client_spec(config: dict) -> ClientSpec:
     """The client spec a ColA strategy built from ``config`` sends (for tests and tools without a server)."""
     adapter = adapter_spec(config)
     return ClientSpec(layer_dims(config), adapter, optimizer_spec(config), config["cola.interval"], config["cola.wire-dtype"],
-                      config["seed"], sends_changes=sends_changes(config["cola.mode"], adapter))
+                      config["seed"], sends_changes=sends_changes(config["cola.mode"]), upload_dtype=config["cola.upload-dtype"])
 
 
 def cola_strategy(config: dict, model: nn.Module | None = None, ledger: Ledger | None = None):
@@ -85,6 +85,7 @@ def cola_strategy(config: dict, model: nn.Module | None = None, ledger: Ledger |
         optimizer=optimizer_spec(config), interval=config["cola.interval"], local_steps=config["local-steps"],
         fraction_train=config["fraction-train"], min_nodes=config["num-clients"], batch_size=config["batch-size"],
         max_length=config["data.max-length"], eval_examples=config["eval.client-max-examples"], wire_dtype=config["cola.wire-dtype"], wire=config["cola.wire"],
+        upload_dtype=config["cola.upload-dtype"],
         share_inputs=config["cola.share-inputs"],
         weighting=config["cola.weighting"], seed=config["seed"], green=GreenColA(config["cola.green-rho"], config["cola.green-every"]),
         max_examples=config["max-examples"], max_update_ratio=config["max-update-ratio"], allow_empty_rounds=config["allow-empty-rounds"],

@@ -5,8 +5,8 @@
 Every arm is one ``fedcola run`` (Flower's simulation engine, 4 clients, the same seeds), in this order:
 FedAvg-LoRA (``simulations/fedavg_lora_minilm.toml``), then ColA (``simulations/cola_minilm_rt.toml``)
 with the pairs in fp32 and in fp16 (every layer's input sent), the pairs with shared inputs sent once,
-``auto`` (the demo's default: per layer the smaller of the pairs and the gradient, the gradient here)
-and int8 pairs. Per arm, from its ledger: bytes per client per round (up + down, every message of the
+``auto`` (per layer the smaller of the pairs and the gradient, the gradient here), each with the clients'
+replies in fp32, then ``auto`` with the replies' changes in fp16 (the demo's default) and int8 pairs. Per arm, from its ledger: bytes per client per round (up + down, every message of the
 round: queries, train messages and replies, evaluation), the final server-side validation accuracy,
 the server's compute per round (hidden pairs, the gradients it forms, client-side evaluation) and the
 FLOPs and time of the gradients it forms. Writes ``traffic.json``, ``traffic.md`` and ``traffic.png``.
@@ -27,12 +27,14 @@ from fedcola.fl import ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 COLA, FEDAVG = "simulations/cola_minilm_rt.toml", "simulations/fedavg_lora_minilm.toml"
+UP32 = {"cola.upload-dtype": "fp32"}  # a train reply's change in fp32: the bytes of the whole fp32 models it replaced
 ARMS = {  # label: (config, overrides)
     "FedAvg-LoRA": (FEDAVG, {}),
-    "pairs fp32": (COLA, {"cola.wire": "pairs", "cola.wire-dtype": "fp32", "cola.share-inputs": False}),
-    "pairs fp16": (COLA, {"cola.wire": "pairs", "cola.share-inputs": False}),
-    "shared inputs once (fp16)": (COLA, {"cola.wire": "pairs"}),
-    "auto: gradients (fp16)": (COLA, {"cola.wire": "auto"}),
+    "pairs fp32": (COLA, {"cola.wire": "pairs", "cola.wire-dtype": "fp32", "cola.share-inputs": False} | UP32),
+    "pairs fp16": (COLA, {"cola.wire": "pairs", "cola.share-inputs": False} | UP32),
+    "shared inputs once (fp16)": (COLA, {"cola.wire": "pairs"} | UP32),
+    "auto: gradients (fp16)": (COLA, {"cola.wire": "auto"} | UP32),
+    "auto + fp16 changes up": (COLA, {"cola.wire": "auto", "cola.upload-dtype": "fp16"}),
     "int8 pairs": (COLA, {"cola.wire": "pairs", "cola.wire-dtype": "int8"}),
 }
 
@@ -112,7 +114,9 @@ def write_markdown(rows: dict, meta: dict, path: Path) -> None:
               "- Bytes: every message of a round, up and down, as the ledger counts them (`.npy` payloads of the ArrayRecords).",
               "- Accuracy: the server's validation accuracy after the last round (`eval.max-examples` examples).",
               "- Server compute: the ledger's `compute_s` (hidden pairs, the gradients the server forms, client-side evaluation);",
-              "  `x pairs` is its ratio to the shared-inputs pairs arm, the previous default, run in the same session.",
+              "  `x pairs` is its ratio to the shared-inputs pairs arm (the default before gradients travelled), run in the same session.",
+              "- Up: a merged-mode train reply is the change of the client's auxiliary models in `cola.upload-dtype` (fp32 in the",
+              "  arms above `auto + fp16 changes up`: the bytes of the whole fp32 models it replaced; fp16 from that arm on, the default).",
               "- Gradients formed: `payload_flops` (FlopCounterMode) and `payload_s` per round; `auto` sends a layer's gradient",
               "  where it is smaller than its pairs (every layer here: r (d_in + d_out) against T (d_in + d_out) numbers).",
               "- int8 pairs (per-row scale, stochastic rounding): relative error of an auxiliary model's gradient against fp32 pairs,",

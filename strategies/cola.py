@@ -61,7 +61,9 @@ class ColA(Screened, Strategy):
     ``recompute`` make a lean server (``fedcola.cola.server``). ``wire`` is what a train message carries
     per layer (``fedcola.cola.payload``): ``pairs`` (x, G), ``grads`` (the gradient the server forms,
     low-rank and linear) or ``auto`` (the smaller, default), in ``wire_dtype`` (``int8``: pairs only);
-    ``share_inputs`` sends an input shared by several layers once (exact; off only to measure it)."""
+    ``share_inputs`` sends an input shared by several layers once (exact; off only to measure it). In
+    merged mode a client's train reply is the change of its auxiliary models in ``upload_dtype`` (fp16,
+    fp32, bf16), which the client applies to itself as the server does (``records.change_record``)."""
 
     def __init__(
         self,
@@ -79,6 +81,7 @@ class ColA(Screened, Strategy):
         max_length: int | None = None,
         eval_examples: int = 64,
         wire_dtype: str = "fp16",
+        upload_dtype: str = "fp16",
         wire: str = "auto",
         share_inputs: bool = True,
         weighting: str = "equal",
@@ -102,9 +105,10 @@ class ColA(Screened, Strategy):
         self.wire, self.share_inputs = wire, share_inputs
         self.server = ColaServer(model, targets, mode=mode, offload_pairs=offload_pairs, recompute=recompute)
         self.dims = {name: layer_dims(m) for name, m in self.server.targets.items()}
-        self.spec = ClientSpec(self.dims, adapter, optimizer, interval, wire_dtype, seed, sends_changes=sends_changes(mode, adapter))
+        self.spec = ClientSpec(self.dims, adapter, optimizer, interval, wire_dtype, seed, sends_changes=sends_changes(mode), upload_dtype=upload_dtype)
         on_device = lambda ads: {k: a.to(self.server.device) for k, a in ads.items()}  # noqa: E731  (fp32, beside the model)
-        self.book = AdapterBook(lambda: on_device(adapter.build(self.dims, seed=0)), use_mean=self.spec.sends_changes, identity=identity)
+        self.book = AdapterBook(lambda: on_device(adapter.build(self.dims, seed=0)), use_mean=self.spec.sends_changes and adapter.kind == "linear",
+                                identity=identity, changes=upload_dtype if self.spec.sends_changes else None)
         config = getattr(model, "config", None)
         self.task = "causal-lm" if model.get_output_embeddings() is not None else "classification"
         self.vocab_size = model.get_input_embeddings().num_embeddings
@@ -261,7 +265,7 @@ class ColA(Screened, Strategy):
         return enc
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Take each client's updated auxiliary models, or the change of its parameters (parameter mean);
+        """Take each client's updated auxiliary models, or the change of its parameters (merged mode);
         the server re-merges them next interval (``ReplyCheck.train_replies`` screens them, the norm of
         each change included). Batches for the next interval that a reply carries are kept for it."""
         usable = self.check.train_replies(server_round, replies)

@@ -234,6 +234,40 @@ def test_merged_linear_server_keeps_only_the_parameter_mean(cola_config):
         assert torch.allclose(value, exact[name], atol=1e-6), name
 
 
+@pytest.mark.parametrize("upload_dtype", ["fp16", "bf16", "fp32"])
+def test_merged_replies_carry_changes_and_both_copies_stay_identical(cola_config, upload_dtype):
+    """Merged low-rank: a train reply carries Delta = w - w_acked in the upload dtype and the client keeps
+    w_acked + Delta, so after every interval the server's copy of each client's auxiliary models equals the
+    client's bit for bit; after a lost reply (node 1, interval 1) the next accepted one carries the whole
+    change since the version the server holds, and the gradients the server forms from its copy keep
+    matching the client's fingerprint (no reply refused). Whole fp32 models are not a change."""
+    config = cfg.build({**cola_config, "local-steps": 4, "cola.upload-dtype": upload_dtype, "cola.wire": "grads"})
+    strategy = helpers.cola_strategy(config)
+    grid = helpers.ColaLoopGrid([1, 2], config, lose=lambda r: strategy._step == 1 and r.metadata.message_type == "train.cola" and r.metadata.src_node_id == 1)
+    initial, same = {}, []
+
+    def check(call):
+        _, step = call.args
+        held = {n: cola_fl.adapter_record(a).to_torch_state_dict() for n, a in strategy.book.adapters.items()}
+        initial.update({n: h for n, h in held.items() if n not in initial and step == 0})
+        for n in (1, 2):
+            client = grid.contexts[n].state.array_records[cola_client.ADAPTERS].to_torch_state_dict()
+            same.append((step, n, all(torch.equal(held[n][k], client[k]) for k in client)))
+
+    helpers.spy(strategy, "end_interval", after=check)
+    strategy.start(grid=grid, num_rounds=1, timeout=10, train_config=ConfigRecord(dict(config)))
+    assert same == [(step, n, not (step == 1 and n == 1)) for step in range(4) for n in (1, 2)]
+    assert strategy.skips.reasons == []
+    formed = [(i, m.metadata.dst_node_id, "fingerprint" in m.content.config_records["control"]) for i, call in enumerate(grid.fit_calls()) for m in call]
+    assert formed == [(i, n, not (i == 2 and n == 1)) for i in range(4) for n in (1, 2)]  # gradients from the server's copies, pairs after the loss
+    packed = {"fp16": torch.float16, "bf16": torch.int16, "fp32": torch.float32}[upload_dtype]
+    fits = [r.content.array_records["adapter"] for r in grid.replies if r.metadata.message_type == "train.cola"]
+    assert fits and all(v.dtype == packed for r in fits for v in r.to_torch_state_dict().values())
+    whole = cola_fl.adapter_record(strategy.book.adapters[1])
+    assert (strategy.book.reply_problem(whole) is None) == (upload_dtype == "fp32")
+    assert all(not torch.equal(initial[1][k], v) for k, v in cola_fl.adapter_record(strategy.book.adapters[1]).to_torch_state_dict().items() if k.endswith("/B"))
+
+
 @pytest.mark.parametrize("adapter", ["low-rank", "linear"])
 def test_next_interval_batches_ride_on_the_train_reply(cola_config, adapter):
     """One exchange per interval: the batches a train reply carries for the next interval are the ones a

@@ -9,7 +9,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedcola import client_app
+from fedcola.fl import wire
 from fedcola.fl.screening import outliers
+from fedcola.train import DTYPES
 from strategies import FedAvgLoRA
 from tests import helpers
 from tests.test_lte_flower import FAST
@@ -71,23 +73,28 @@ def test_leave_one_out_median_catches_one_attacker_of_two():
 
 
 class _HugeGrid(helpers.ColaLoopGrid):
-    """Node 3 answers every train message with its auxiliary models scaled by 1e30 (finite)."""
+    """Node 3 answers every train message with a huge but finite change of its auxiliary models: every
+    coordinate at half the upload dtype's largest value, packed as an honest change is."""
 
     def answer(self, msg):
         reply = super().answer(msg)
         if msg.metadata.message_type == "train.cola" and msg.metadata.dst_node_id == 3:
-            reply.content.array_records["adapter"] = ArrayRecord({k: v * 1e30 for k, v in helpers.adapter_state(reply.content.array_records["adapter"]).items()})
+            dtype = self.config["cola.upload-dtype"]
+            big = torch.finfo(DTYPES[dtype]).max / 2
+            change = {k: torch.full_like(v, big) for k, v in wire.unpack(reply.content.array_records["adapter"], dtype).items()}
+            reply.content.array_records["adapter"] = wire.pack(change, dtype)
         return reply
 
 
-def test_cola_merged_huge_finite_adapter_is_skipped(cola_config, tmp_path):
-    """In merged ColA a 1e30 adapter would make every client's (x, G) non-finite: its change is skipped and
-    the shared model stays finite; the honest clients train on."""
+@pytest.mark.parametrize("upload_dtype", ["fp16", "fp32", "bf16"])
+def test_cola_merged_huge_finite_adapter_is_skipped(cola_config, tmp_path, upload_dtype):
+    """In merged ColA a huge change would make every client's (x, G) non-finite: it is skipped and the
+    shared model stays finite; the honest clients train on."""
     from fedcola import config as cfg
     from fedcola.cola import records
     from fedcola.fl.ledger import Ledger
 
-    config = cfg.build({**cola_config, "num-clients": 3, "local-steps": 2})
+    config = cfg.build({**cola_config, "num-clients": 3, "local-steps": 2, "cola.upload-dtype": upload_dtype})
     ledger = Ledger(tmp_path / "l.json", "cola", config)
     strategy = helpers.cola_strategy(config, ledger)
     grid = _HugeGrid([1, 2, 3], config, num_partitions=3)

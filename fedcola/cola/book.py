@@ -26,6 +26,7 @@ from flwr.common.logger import log
 from fedcola.cola import records
 from fedcola.cola.adapters import Adapter
 from fedcola.cola.server import ParameterMean
+from fedcola.fl import wire
 
 
 IDENTITIES = ("node", "claim")
@@ -37,14 +38,19 @@ def _norm(record: ArrayRecord) -> float:
 
 class AdapterBook:
     """The auxiliary models the server holds and their owners. ``build()`` makes one client's
-    auxiliary models (the template of every reply); ``use_mean`` keeps only the parameter mean."""
+    auxiliary models (the template of every reply); ``changes``: train replies carry the change of a
+    client's parameters packed in this dtype (merged mode, ``records.change_record``), not the whole
+    fp32 models (None); ``use_mean`` (with changes) keeps only the parameter mean."""
 
-    def __init__(self, build: Callable[[], dict[str, Adapter]], use_mean: bool = False, identity: str = "node") -> None:
+    def __init__(self, build: Callable[[], dict[str, Adapter]], use_mean: bool = False, identity: str = "node", changes: str | None = None) -> None:
         if identity not in IDENTITIES:
             raise ValueError(f"identity must be one of {', '.join(IDENTITIES)}, got {identity!r}")
-        self.build, self.identity = build, identity
+        if use_mean and changes is None:
+            raise ValueError("the parameter mean is moved by changes: give their upload dtype")
+        self.build, self.identity, self.changes = build, identity, changes
         self.template = records.adapter_record(build())
         self.template_norm = _norm(self.template)  # what an honest new client's auxiliary models measure
+        self.reply_template = self.template if changes is None else wire.pack(self.template.to_torch_state_dict(), changes)
         self.adapters: dict[int, dict[str, Adapter]] = {}  # per client, unless `mean` holds them
         self.mean = ParameterMean(build()) if use_mean else None
         self.synced: dict[int, bool] = {}  # node -> the server holds the adapters of the node's last reply
@@ -76,19 +82,30 @@ class AdapterBook:
             self.adapters[node] = self.frozen(record)
         self.synced[node] = True
 
+    def reply_problem(self, record: ArrayRecord) -> str | None:
+        """Why a train reply's ``adapter`` record is unusable: names, shapes, dtype (fp32 models, or
+        changes in the upload dtype) and finite values, against the template."""
+        if self.changes is None:
+            return wire.check_arrays(record, self.reply_template)
+        return wire.check_packed(record, self.reply_template, self.changes)
+
     def update(self, node: int, record: ArrayRecord) -> None:
-        """A train reply: the node's new auxiliary models, or the change of its parameters (``mean``)."""
-        if self.mean is not None:
-            self.mean.move(node, record.to_torch_state_dict())
-        else:
+        """A train reply: the node's new auxiliary models, or the change Delta of its parameters, added
+        to the held copy as the client added it (``records.applied``) or moving the parameter mean."""
+        if self.changes is None:
             records.load_adapter_record(self.adapters[node], record)
+        elif self.mean is not None:
+            self.mean.move(node, wire.unpack(record, self.changes))
+        else:
+            held = records.adapter_record(self.adapters[node]).to_torch_state_dict()
+            records.load_adapter_record(self.adapters[node], ArrayRecord(records.applied(held, wire.unpack(record, self.changes))))
         self.synced[node] = True
 
     def change_norm(self, node: int, record: ArrayRecord) -> float:
-        """||w' - w|| of a train reply against the auxiliary models held for ``node`` (the reply itself
-        when it carries a change: the parameter mean)."""
-        if self.mean is not None:
-            return _norm(record)
+        """||w' - w|| of a train reply against the auxiliary models held for ``node`` (||Delta|| when
+        the reply carries the change)."""
+        if self.changes is not None:
+            return _norm(ArrayRecord(wire.unpack(record, self.changes)))
         new = record.to_torch_state_dict()
         held = records.adapter_record(self.adapters[node]).to_torch_state_dict()
         return float(sum((new[k].double() - held[k].double()).pow(2).sum() for k in held)) ** 0.5

@@ -127,7 +127,8 @@ class ColaClient:
     def train(self, msg: Message, context: Context) -> Message:
         """Step 5: one gradient-learning update per adaptation interval from the server's (x, G) or, where the
         server formed them, the gradients themselves (``fedcola.cola.payload``), on the layers the message
-        carries (Green-ColA: ``control["layers"]``); the reply's ``importance``
+        carries (Green-ColA: ``control["layers"]``); the reply carries the auxiliary models or, merged, their
+        change in the upload dtype (``records.change_record``); its ``importance``
         record names each trained layer's I_m = -sum(g_m * dw_m) of this update and, when
         ``control["next-step"]`` asks, carries the batches of that next interval."""
         control = msg.content.config_records["control"]
@@ -146,16 +147,16 @@ class ColaClient:
         with FlopCounterMode(display=False) as counter:
             for i, batch_pairs in enumerate(pairs):
                 client.step(batch_pairs, mean_grads=grads if i == len(pairs) - 1 else None)
+        if spec.sends_changes:  # the change since the version the server holds; the client keeps w_acked + Delta, as the server will
+            adapter = records.change_record(client.adapters, context.state.array_records[ACKED].to_torch_state_dict(), spec.upload_dtype)
+        else:
+            adapter = records.adapter_record(client.adapters)
         self.save(context, client)
         metrics = MetricRecord({
             "rows": sum(x.shape[0] for p in pairs for x, _ in list(p.values())[:1]), "flops": int(counter.get_total_flops()),
             "peak-memory-bytes": training.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0, "partition-id": self.adapter_id,
             **training.accelerator_metrics(self.device),
         })
-        adapter = context.state.array_records[ADAPTERS]
-        if spec.sends_changes:  # w - w_acked, see `ParameterMean`
-            acked = context.state.array_records[ACKED].to_torch_state_dict()
-            adapter = ArrayRecord({k: v - acked[k] for k, v in adapter.to_torch_state_dict().items()})
         content = RecordDict({"adapter": adapter, "importance": ConfigRecord({layer: client.importance.get(layer, 0.0) for layer in dims})})
         if "next-step" in control:
             content["batch"], metrics["num-examples"] = self._batches(int(control["next-step"]), spec.interval)

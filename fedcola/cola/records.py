@@ -1,7 +1,8 @@
 """ColA's Flower glue shared by client and server: auxiliary models from a config, their records.
 
 Record layouts (DESIGN.md, "ColA round"):
-  * adapter state: ArrayRecord ``"<layer>/<param>"`` -> fp32 tensor.
+  * adapter state: ArrayRecord ``"<layer>/<param>"`` -> fp32 tensor; a merged-mode train reply carries
+    the change of that state in the upload dtype (``change_record``).
   * a client's batches: ArrayRecord ``"b<i>/input_ids"``, ``"b<i>/attention_mask"`` (int32),
     ``"b<i>/labels"`` (int64) for i < I, the adaptation interval.
   * hidden pairs: ArrayRecord ``"b<i>/<layer>/x"`` (rows, d_in), ``"b<i>/<layer>/G"`` (rows, d_out),
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord
 from fedcola.cola import adapters as ad
+from fedcola.fl import wire
 from fedcola.fl.checkpoint import atomic_save_file
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
@@ -30,6 +32,23 @@ def load_adapter_record(adapters: dict[str, ad.Adapter], record: ArrayRecord) ->
     state = record.to_torch_state_dict()
     for layer, a in adapters.items():
         a.load_state_dict({name: state[f"{layer}/{name}"] for name in a.state_dict()})
+
+
+def applied(w: dict[str, torch.Tensor], change: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """w + Delta per parameter (fp32, host memory): the one addition client and server both do."""
+    return {k: v + change[k] for k, v in w.items()}
+
+
+def change_record(adapters: dict[str, ad.Adapter], acked: dict[str, torch.Tensor], dtype: str) -> ArrayRecord:
+    """A merged-mode train reply: Delta = w - w_acked packed in ``dtype``. The client's auxiliary models
+    become w_acked + unpack(Delta) (``applied``), which is what the server holds once it takes the reply
+    (``AdapterBook.update``): the two copies stay bit-identical, whatever ``dtype`` rounds away."""
+    record = wire.pack({k: v - acked[k] for k, v in adapter_record(adapters).to_torch_state_dict().items()}, dtype)
+    change = wire.unpack(record, dtype)
+    if not all(torch.isfinite(v).all() for v in change.values()):
+        raise ValueError(f"the change of this client's auxiliary models overflows the upload dtype {dtype}")
+    load_adapter_record(adapters, ArrayRecord(applied(acked, change)))
+    return record
 
 
 def save_adapters(path: Path, by_node: dict[int, dict[str, ad.Adapter]]) -> None:

@@ -3,7 +3,7 @@
 Query replies (step 2) carry a client's batches (checked against the model: token ids < vocab, labels
 < classes, at most ``batch_size`` x ``max_length``) and, at first contact, its auxiliary models
 (checked against the strategy's template: names, shapes, dtypes, finite, and a norm bound). Train replies (step 6) carry
-the updated auxiliary models and may carry the next interval's batches. Every reply names its adapter
+the updated auxiliary models (merged mode: their change in the upload dtype) and may carry the next interval's batches. Every reply names its adapter
 id, which is bound to the node at first contact (``AdapterBook.check_owner``).
 """
 
@@ -64,7 +64,10 @@ class ReplyCheck:
 
     def train(self, msg: Message, node: int, connected: set[int], prefetching: bool) -> str | None:
         """A train reply: the updated auxiliary models, the owner, and batches only when asked for."""
-        problem = reply_problem(msg, self.s.book.template, required=FIT_METRICS, arrays_key="adapter", max_examples=self.s.max_examples)
+        problem = reply_problem(msg, None, required=FIT_METRICS, max_examples=self.s.max_examples)
+        if problem is None:
+            adapter = msg.content.array_records.get("adapter")
+            problem = "reply has no 'adapter' ArrayRecord" if adapter is None else self.s.book.reply_problem(adapter)
         if problem is None:
             problem = self.s.book.check_owner(node, int(msg.content.metric_records["metrics"]["partition-id"]), connected)
         if problem is None and "batch" in msg.content.array_records:

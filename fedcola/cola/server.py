@@ -249,7 +249,7 @@ class ParameterMean:
     """Merged mode for auxiliary models linear in their parameters (``linear``: dW(w) = w), so that
     sum_k a_k dW(w_k) = dW(sum_k a_k w_k): the server keeps S = sum_k n_k w_k (float64) and N = sum_k n_k
     instead of K dense adapters (memory flat in K), and `adapters` = one adapter set holding S / N.
-    Clients send the change of w_k since the version the server holds (``cola_fl.sends_changes``).
+    Clients send the change of w_k since the version the server holds (``spec.sends_changes``).
     a_k = n_k / N, n_k fixed when client k joins. Both live in host memory (dense d_out x d_in per
     layer: on an accelerator the mean is streamed layer by layer, ``capture.MeanBranch``)."""
 

@@ -49,10 +49,14 @@ class AdapterSpec:
             torch.random.set_rng_state(generator_state)
 
 
-def sends_changes(mode: str, adapter: AdapterSpec) -> bool:
-    """Merged linear auxiliary models: the server keeps only their parameter mean, so a client's train
-    reply carries the change of its parameters (``fedcola.cola.server.ParameterMean``)."""
-    return mode == "merged" and adapter.kind == "linear"
+UPLOAD_DTYPES = ("fp16", "fp32", "bf16")
+
+
+def sends_changes(mode: str) -> bool:
+    """Merged mode: a client's train reply carries the change of its parameters since the version the
+    server holds, in the upload dtype (``records.change_record``; merged linear: the server keeps only
+    their parameter mean, ``fedcola.cola.server.ParameterMean``)."""
+    return mode == "merged"
 
 
 @dataclass(frozen=True)
@@ -70,12 +74,15 @@ class ClientSpec:
     wire_dtype: str = "fp16"
     seed: int = 0
     sends_changes: bool = False
+    upload_dtype: str = "fp16"
 
     def __post_init__(self) -> None:
         if self.interval < 1:
             raise ValueError(f"adaptation interval must be >= 1, got {self.interval}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"unknown wire dtype {self.wire_dtype!r}; known: {', '.join(WIRE_DTYPES)}")
+        if self.upload_dtype not in UPLOAD_DTYPES:
+            raise ValueError(f"unknown upload dtype {self.upload_dtype!r}; known: {', '.join(UPLOAD_DTYPES)}")
 
     def adapters(self, adapter_id: int) -> dict[str, Adapter]:
         """A client's initial auxiliary models."""
@@ -98,6 +105,7 @@ class ClientSpec:
             "adapter": a.kind, "r": a.r, "alpha": float(a.alpha), "hidden": a.hidden,
             "optimizer": o.name, "lr": float(o.lr), "weight-decay": float(o.weight_decay),
             "interval": self.interval, "wire-dtype": self.wire_dtype, "seed": self.seed, "sends-changes": self.sends_changes,
+            "upload-dtype": self.upload_dtype,
         })
 
     @classmethod
@@ -109,7 +117,7 @@ class ClientSpec:
                 layers=layers, adapter=AdapterSpec(str(record["adapter"]), int(record["r"]), float(record["alpha"]), int(record["hidden"])),
                 optimizer=OptimizerSpec(str(record["optimizer"]), float(record["lr"]), float(record["weight-decay"])),
                 interval=int(record["interval"]), wire_dtype=str(record["wire-dtype"]), seed=int(record["seed"]),
-                sends_changes=bool(record["sends-changes"]),
+                sends_changes=bool(record["sends-changes"]), upload_dtype=str(record["upload-dtype"]),
             )
         except (KeyError, TypeError) as err:
             raise ValueError(f"malformed ColA client spec: {type(err).__name__}: {err}") from None

@@ -44,7 +44,7 @@ def metric_problem(metrics: MetricRecord, max_examples: int = MAX_EXAMPLES) -> s
     return None
 
 
-def reply_problem(msg: Message, expected: ArrayRecord | None, required: tuple[str, ...] = REQUIRED_METRICS, arrays_key: str = "arrays",
+def reply_problem(msg: Message, expected: ArrayRecord | None, required: tuple[str, ...] = REQUIRED_METRICS,
                   max_examples: int = MAX_EXAMPLES) -> str | None:
     """Why a reply cannot be used, or None."""
     if msg.has_error():
@@ -59,9 +59,9 @@ def reply_problem(msg: Message, expected: ArrayRecord | None, required: tuple[st
     if problem is not None:
         return problem
     if expected is not None:
-        if arrays_key not in content.array_records:
-            return f"reply has no '{arrays_key}' ArrayRecord"
-        return check_arrays(content.array_records[arrays_key], expected)
+        if "arrays" not in content.array_records:
+            return "reply has no 'arrays' ArrayRecord"
+        return check_arrays(content.array_records["arrays"], expected)
     return None
 
 

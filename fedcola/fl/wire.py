@@ -91,3 +91,13 @@ def unpack(record: ArrayRecord, wire_dtype: str) -> dict[str, torch.Tensor]:
         else:
             out[name] = (t.view(torch.bfloat16) if wire_dtype == "bf16" else t).float()
     return out
+
+
+def check_packed(received: ArrayRecord, expected: ArrayRecord, wire_dtype: str) -> str | None:
+    """Why ``received`` cannot stand in for ``expected`` (tensors packed in ``wire_dtype`` by ``pack``):
+    names, shapes, the wire dtype, and finite values once unpacked (bf16 travels as int16)."""
+    problem = check_arrays(received, expected)
+    if problem is None:
+        bad = [name for name, t in unpack(received, wire_dtype).items() if not torch.isfinite(t).all()]
+        problem = f"array '{bad[0]}' has NaN or Inf values" if bad else None
+    return problem
