@@ -131,12 +131,12 @@ def plot(rows: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    fig, ax = plt.subplots(figsize=(8.5, 3.8))
     labels = list(rows)
     values = [rows[k]["bytes_per_client_round"] / 2**20 for k in labels]
     bars = ax.bar(range(len(labels)), values, color=["tab:gray"] + ["tab:blue"] * (len(labels) - 1))
     ax.set_yscale("log")
-    ax.set_xticks(range(len(labels)), [k.replace(", ", "\n").replace(" (", "\n(") for k in labels], fontsize=7)
+    ax.set_xticks(range(len(labels)), [k.replace(", ", "\n").replace(" (", "\n(").replace(": ", ":\n").replace(" + ", "\n+ ") for k in labels], fontsize=7)
     ax.set_ylabel("MiB per client per round")
     for bar, label in zip(bars, labels):
         acc = rows[label]["accuracy"]
