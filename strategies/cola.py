@@ -144,10 +144,11 @@ class ColA(Screened, Strategy):
         return [self.book.adapter_sets()] if self.server.mode == "merged" else [{n: a} for n, a in self.book.adapters.items()]
 
     def _control(self, node: int, **extra) -> ConfigRecord:
-        """A message's control record; a resumed run lists the adapter ids whose checkpointed state no node
-        has claimed yet (``held``): such a client must continue from its saved state, not start afresh."""
+        """A message's control record: the version of the node's auxiliary models the server holds (``taken``,
+        -1: none; merged mode, ``ColaClient.sync``); a resumed run lists the adapter ids whose checkpointed
+        state no node has claimed yet (``held``): such a client must continue from its saved state, not start afresh."""
         held = {"held": sorted(self.book.resumed)} if self.book.resumed else {}
-        return ConfigRecord({"synced": self.book.synced.get(node, False), **held, **extra})
+        return ConfigRecord({"taken": self.book.taken.get(node, -1), **held, **extra})
 
     def _message(self, node: int, config: ConfigRecord, control: ConfigRecord, message_type: str = QUERY, **records) -> Message:
         """A message to ``node``; a node whose auxiliary models the server does not hold gets the client spec."""
@@ -208,8 +209,9 @@ class ColA(Screened, Strategy):
             self.skips.skip(server_round, node, problem)
             return None
         if node not in self.known:
-            self.book.join(node, msg.content.array_records["adapter"],
-                           int(msg.content.metric_records["metrics"]["num-examples"]) if self.weighting == "examples" else 1.0)
+            metrics = msg.content.metric_records["metrics"]
+            self.book.join(node, msg.content.array_records["adapter"], int(metrics["num-examples"]) if self.weighting == "examples" else 1.0,
+                           int(metrics.get("version", 0)))
         self.costs.clients[node]["bytes_up"] += sum(wire.nbytes(r) for r in msg.content.array_records.values())
         return self._take_batches(node, msg, evaluation)
 
@@ -276,7 +278,7 @@ class ColA(Screened, Strategy):
     def _take_fit(self, node: int, msg: Message) -> bool:
         if "batch" in msg.content.array_records:
             self._prefetched[node] = self._take_batches(node, msg, evaluation=False)
-        self.book.update(node, msg.content.array_records["adapter"])
+        self.book.update(node, msg.content.array_records["adapter"], int(msg.content.metric_records["metrics"].get("version", 0)))
         self.costs.add_reply(node, msg.content.metric_records["metrics"], sum(wire.nbytes(r) for r in msg.content.array_records.values()))
         return True
 

@@ -135,12 +135,13 @@ class ColaLoopGrid(Nodes):
 
     Records every message sent (``messages``, their types in ``sent``, one list per ``send_and_receive`` call
     in ``calls``) and every reply delivered (``replies``). ``lose(reply) -> True`` loses a reply: the client
-    handled the message, the server never hears back."""
+    handled the message, the server never hears back; ``drop(message) -> True`` loses a message before
+    its client handles it."""
 
     def __init__(self, nodes, config, num_partitions: int = 2, *, contexts: dict[int, Context] | None = None,
-                 client_app: bool = False, lose=None):
+                 client_app: bool = False, lose=None, drop=None):
         super().__init__(nodes)
-        self.config, self.num_partitions, self.client_app, self.lose = config, num_partitions, client_app, lose
+        self.config, self.num_partitions, self.client_app, self.lose, self.drop = config, num_partitions, client_app, lose, drop
         self.contexts = contexts if contexts is not None else {
             n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in nodes}
         self.sent: list[str] = []
@@ -162,6 +163,8 @@ class ColaLoopGrid(Nodes):
         for m in messages:
             self.sent.append(m.metadata.message_type)
             self.messages.append(m)
+            if self.drop is not None and self.drop(m):
+                continue
             reply = self.answer(m)
             if self.lose is not None and self.lose(reply):
                 continue

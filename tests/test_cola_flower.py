@@ -234,16 +234,19 @@ def test_merged_linear_server_keeps_only_the_parameter_mean(cola_config):
         assert torch.allclose(value, exact[name], atol=1e-6), name
 
 
-@pytest.mark.parametrize("upload_dtype", ["fp16", "bf16", "fp32"])
-def test_merged_replies_carry_changes_and_both_copies_stay_identical(cola_config, upload_dtype):
+@pytest.mark.parametrize("upload_dtype, lost", [("fp16", "reply"), ("bf16", "reply"), ("fp32", "reply"), ("fp16", "message")])
+def test_merged_replies_carry_changes_and_both_copies_stay_identical(cola_config, upload_dtype, lost):
     """Merged low-rank: a train reply carries Delta = w - w_acked in the upload dtype and the client keeps
     w_acked + Delta, so after every interval the server's copy of each client's auxiliary models equals the
-    client's bit for bit; after a lost reply (node 1, interval 1) the next accepted one carries the whole
-    change since the version the server holds, and the gradients the server forms from its copy keep
-    matching the client's fingerprint (no reply refused). Whole fp32 models are not a change."""
+    client's bit for bit. Node 1's train reply of interval 1 is lost (the client trained; the next accepted
+    reply carries the whole change since the version the server holds), or the message itself (the client
+    never trained: the version the server names is its current one). The gradients the server forms from
+    its copy keep matching the client's fingerprint (no reply refused). Whole fp32 models are not a change."""
     config = cfg.build({**cola_config, "local-steps": 4, "cola.upload-dtype": upload_dtype, "cola.wire": "grads"})
     strategy = helpers.cola_strategy(config)
-    grid = helpers.ColaLoopGrid([1, 2], config, lose=lambda r: strategy._step == 1 and r.metadata.message_type == "train.cola" and r.metadata.src_node_id == 1)
+    interval_1 = lambda m, node: strategy._step == 1 and m.metadata.message_type == "train.cola" and node == 1  # noqa: E731
+    grid = helpers.ColaLoopGrid([1, 2], config, **{"lose": lambda r: interval_1(r, r.metadata.src_node_id)} if lost == "reply"
+                                else {"drop": lambda m: interval_1(m, m.metadata.dst_node_id)})
     initial, same = {}, []
 
     def check(call):
@@ -256,7 +259,7 @@ def test_merged_replies_carry_changes_and_both_copies_stay_identical(cola_config
 
     helpers.spy(strategy, "end_interval", after=check)
     strategy.start(grid=grid, num_rounds=1, timeout=10, train_config=ConfigRecord(dict(config)))
-    assert same == [(step, n, not (step == 1 and n == 1)) for step in range(4) for n in (1, 2)]
+    assert same == [(step, n, lost == "message" or not (step == 1 and n == 1)) for step in range(4) for n in (1, 2)]
     assert strategy.skips.reasons == []
     formed = [(i, m.metadata.dst_node_id, "fingerprint" in m.content.config_records["control"]) for i, call in enumerate(grid.fit_calls()) for m in call]
     assert formed == [(i, n, not (i == 2 and n == 1)) for i in range(4) for n in (1, 2)]  # gradients from the server's copies, pairs after the loss

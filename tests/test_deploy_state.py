@@ -100,10 +100,12 @@ def test_node_config_errors_are_one_line():
 
 def _claim(config, node, partition=0, context=None):
     """A query reply of ``partition``'s client arriving from Flower node ``node``: at first contact (a
-    fresh ``context``) with its auxiliary models."""
+    fresh ``context``) with its auxiliary models; later naming the version the server took then (0)."""
     context = context or _context({"partition-id": partition, "num-partitions": 2})
     query = _query(config, 0)
-    query.content.config_records["control"]["send-adapter"] = not context.state.config_records
+    known = bool(context.state.config_records)
+    query.content.config_records["control"]["send-adapter"] = not known
+    query.content.config_records["control"]["taken"] = 0 if known else -1
     msg = client_app.cola_query_handler(query, context)
     msg.metadata.__dict__["_src_node_id"] = node
     return msg

@@ -210,3 +210,25 @@ def test_cola_huge_first_contact_adapter_is_refused(cola_config, tmp_path, adapt
     assert list(strategy._accept_queries(1, [honest, attack])) == [1]
     assert strategy.known == {1}
     assert "first auxiliary models' norm" in ledger._round["skipped"][-1]["reason"] and ledger._round["skipped"][-1]["node_id"] == 2
+
+
+@pytest.mark.parametrize("kind", ["low-rank", "linear"])
+def test_a_change_that_would_overflow_the_held_copy_is_refused_and_the_copy_kept(kind):
+    """Two finite fp32 changes of 3e38 per coordinate: the first is taken, the second would make the held
+    copy (low-rank) or the parameter mean (linear) infinite, so it raises (the strategy's skip) and the
+    copy, its version and the mean's S stay as they were."""
+    from fedcola.cola import records
+    from fedcola.cola.book import AdapterBook
+    from fedcola.cola.spec import AdapterSpec
+
+    adapter = AdapterSpec(kind, r=2)
+    book = AdapterBook(lambda: adapter.build({"layer": (4, 3)}, seed=0), use_mean=kind == "linear", changes="fp32")
+    book.join(1, book.template, 1.0)
+    held = lambda: {k: v for ads in book.adapter_sets().values() for k, v in records.adapter_record(ads).to_torch_state_dict().items()}  # noqa: E731
+    big = wire.pack({k: torch.full_like(v, 3e38) for k, v in book.template.to_torch_state_dict().items()}, "fp32")
+    book.update(1, big, version=1)
+    before = held()
+    assert all(torch.isfinite(v).all() and v.abs().max() > 1e38 for v in before.values())
+    with pytest.raises(ValueError, match="non-finite"):
+        book.update(1, big, version=2)
+    assert all(torch.equal(v, before[k]) for k, v in held().items()) and book.taken[1] == 1

@@ -1,6 +1,7 @@
 """Where the ColA server keeps its clients' auxiliary models, and which node owns which adapter.
 
-Per client ``adapters[node]`` (frozen copies of what the client last sent), or, for merged linear
+Per client ``adapters[node]`` (frozen copies of the client's models as of its last taken reply: what
+it sent, or in merged mode the held copy plus the change it sent), or, for merged linear
 auxiliary models, only their parameter mean (``ParameterMean``: memory flat in K). A node's adapter
 id (its partition id) is fixed at first contact. Who may claim an id later is the ``identity`` policy:
 
@@ -54,6 +55,7 @@ class AdapterBook:
         self.adapters: dict[int, dict[str, Adapter]] = {}  # per client, unless `mean` holds them
         self.mean = ParameterMean(build()) if use_mean else None
         self.synced: dict[int, bool] = {}  # node -> the server holds the adapters of the node's last reply
+        self.taken: dict[int, int] = {}  # node -> the version of its auxiliary models the server holds (changes: the replies' `version`)
         self.owner: dict[int, int] = {}  # node id -> adapter id (its partition id) fixed at first contact
         self.examples: dict[int, int] = {}
         self.resumed: dict[int, int] = {}  # adapter id -> the checkpoint's node id, until a node of this run claims it
@@ -74,13 +76,13 @@ class AdapterBook:
             a.requires_grad_(False)
         return adapters
 
-    def join(self, node: int, record: ArrayRecord, weight: float) -> None:
-        """A node's first auxiliary models (weight n_k of the parameter mean)."""
+    def join(self, node: int, record: ArrayRecord, weight: float, version: int = 0) -> None:
+        """A node's first auxiliary models (weight n_k of the parameter mean), of the client's ``version``."""
         if self.mean is not None:
             self.mean.add(node, record.to_torch_state_dict(), n=weight)
         else:
             self.adapters[node] = self.frozen(record)
-        self.synced[node] = True
+        self.synced[node], self.taken[node] = True, version
 
     def reply_problem(self, record: ArrayRecord) -> str | None:
         """Why a train reply's ``adapter`` record is unusable: names, shapes, dtype (fp32 models, or
@@ -89,17 +91,20 @@ class AdapterBook:
             return wire.check_arrays(record, self.reply_template)
         return wire.check_packed(record, self.reply_template, self.changes)
 
-    def update(self, node: int, record: ArrayRecord) -> None:
-        """A train reply: the node's new auxiliary models, or the change Delta of its parameters, added
-        to the held copy as the client added it (``records.applied``) or moving the parameter mean."""
+    def update(self, node: int, record: ArrayRecord, version: int = 0) -> None:
+        """A train reply: the node's new auxiliary models, or the change Delta of its parameters (the
+        client's ``version`` after it), added to the held copy as the client added it (``records.applied``)
+        or moving the parameter mean; a change that would make them non-finite raises (a skip)."""
         if self.changes is None:
             records.load_adapter_record(self.adapters[node], record)
         elif self.mean is not None:
             self.mean.move(node, wire.unpack(record, self.changes))
         else:
-            held = records.adapter_record(self.adapters[node]).to_torch_state_dict()
-            records.load_adapter_record(self.adapters[node], ArrayRecord(records.applied(held, wire.unpack(record, self.changes))))
-        self.synced[node] = True
+            new = records.applied(records.adapter_record(self.adapters[node]).to_torch_state_dict(), wire.unpack(record, self.changes))
+            if not all(torch.isfinite(v).all() for v in new.values()):
+                raise ValueError("the change makes the held auxiliary models non-finite")
+            records.load_adapter_record(self.adapters[node], ArrayRecord(new))
+        self.synced[node], self.taken[node] = True, version
 
     def change_norm(self, node: int, record: ArrayRecord) -> float:
         """||w' - w|| of a train reply against the auxiliary models held for ``node`` (||Delta|| when
@@ -139,25 +144,26 @@ class AdapterBook:
     def own(self, node: int, adapter_id: int) -> None:
         """Record ``node`` as the holder of ``adapter_id``. A restarted SuperNode comes back with a new
         node id: it takes over the adapter id of the departed node, whose entries go (in merged mode
-        they would otherwise count that client twice). In the parameter mean (merged linear) its share
-        and its `synced` flag pass to the new node: the node's restored state (``state-dir``) continues
-        the changes it sends from the version the server holds."""
+        they would otherwise count that client twice). In the parameter mean (merged linear) its share,
+        its `synced` flag and the version it holds (``taken``) pass to the new node: the node's restored
+        state (``state-dir``) continues the changes it sends from the version the server holds."""
         resumed = self.resumed.pop(adapter_id, None)
         if resumed is not None and node not in self.owner:
             self.rekey(resumed, node)
         if node not in self.owner:
             for old in [n for n, a in self.owner.items() if a == adapter_id]:
                 log(INFO, "adapter id %d rejoined as node %d (was node %d)", adapter_id, node, old)
-                for held in (self.owner, self.adapters, self.examples):
-                    held.pop(old, None)
                 if self.mean is not None and old in self.mean.n:
                     self.mean.n[node] = self.mean.n.pop(old)
                     self.synced[node] = self.synced.pop(old, False)
+                    self.taken[node] = self.taken.pop(old, -1)
+                for held in (self.owner, self.adapters, self.examples, self.taken):
+                    held.pop(old, None)
         self.owner[node] = adapter_id
 
     def rekey(self, old: int, node: int) -> None:
         """Node ``node`` of a resumed run takes over the checkpointed state of node ``old`` (same adapter id)."""
-        for held in (self.owner, self.adapters, self.examples, self.synced):
+        for held in (self.owner, self.adapters, self.examples, self.synced, self.taken):
             if old in held:
                 held[node] = held.pop(old)
         if self.mean is not None and old in self.mean.n:
@@ -175,7 +181,7 @@ class AdapterBook:
         (``mean/...``) as tensors; node -> adapter id, ``synced``, examples, the mean's n_k as JSON."""
         tensors = {f"adapters/{node}/{k}": v for node, ads in self.adapters.items() for k, v in records.adapter_record(ads).to_torch_state_dict().items()}
         keyed = lambda held: {str(n): v for n, v in held.items()}  # noqa: E731  (JSON keys are strings)
-        state = {"owner": keyed(self.owner), "synced": keyed(self.synced), "examples": keyed(self.examples)}
+        state = {"owner": keyed(self.owner), "synced": keyed(self.synced), "taken": keyed(self.taken), "examples": keyed(self.examples)}
         if self.mean is not None:
             tensors |= {f"mean/{k}": v for k, v in self.mean.sum.items()}
             state["mean-n"] = keyed(self.mean.n)
@@ -184,7 +190,7 @@ class AdapterBook:
     def load_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         """Inverse of :meth:`state_dict`; every checkpointed adapter id waits for a node to claim it."""
         by_node = lambda key: {int(n): v for n, v in state.get(key, {}).items()}  # noqa: E731
-        self.owner, self.synced, self.examples = by_node("owner"), by_node("synced"), by_node("examples")
+        self.owner, self.synced, self.taken, self.examples = by_node("owner"), by_node("synced"), by_node("taken"), by_node("examples")
         nodes = {int(k.split("/", 2)[1]) for k in tensors if k.startswith("adapters/")}
         self.adapters = {n: self.frozen(ArrayRecord({k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"adapters/{n}/")}))
                          for n in sorted(nodes)}

@@ -35,7 +35,7 @@ from fedcola.cola.spec import ClientSpec
 from fedcola.fl import wire
 from fedcola.fl.batches import Batch, TrainData, held, interval_batches, num_examples
 
-SPEC, ADAPTERS, OPTIMIZER, ACKED = "cola.spec", "cola.adapters", "cola.optimizer", "cola.acked"
+SPEC, ADAPTERS, OPTIMIZER, ACKED, VERSIONS = "cola.spec", "cola.adapters", "cola.optimizer", "cola.acked", "cola.versions"
 
 
 def stateless(adapter_id: int) -> ValueError:
@@ -78,11 +78,29 @@ class ColaClient:
         context.state[OPTIMIZER] = training.optimizer_record(client.optimizer)
 
     @staticmethod
-    def sync(context: Context, spec: ClientSpec, control: ConfigRecord) -> None:
-        """``spec.sends_changes``: remember the parameters the server holds (``ACKED``: the initial ones
-        until the server confirms a reply with ``synced``), the base of the change the next reply sends."""
-        if spec.sends_changes and (control.get("synced", False) or ACKED not in context.state.array_records):
+    def versions(context: Context) -> tuple[int, int]:
+        """(``sent``, ``acked``): the version of this client's auxiliary models (the train replies it sent:
+        only a reply changes them) and that of ``ACKED``, the version the server holds (-1: none yet)."""
+        record = context.state.config_records.get(VERSIONS, {"sent": 0, "acked": -1})
+        return int(record["sent"]), int(record["acked"])
+
+    @classmethod
+    def sync(cls, context: Context, spec: ClientSpec, control: ConfigRecord) -> None:
+        """``spec.sends_changes``: keep ``ACKED`` = the parameters the server holds, the base of the change
+        the next reply sends. Every message names the version the server holds (``control.taken``, from
+        the replies' ``version``): the current one (then ACKED = w) or ACKED's, as a message or a reply may
+        be lost on the way; any other means this client's state is not the one the server knows (lost, or
+        restored from an older snapshot) and is refused. A message asking for the whole auxiliary models
+        (``send-adapter``: the server takes them as its copy) is not checked."""
+        if not spec.sends_changes or control.get("send-adapter", False):
+            return
+        (sent, acked), taken = cls.versions(context), int(control.get("taken", -1))
+        if taken == sent:
             context.state[ACKED] = context.state.array_records[ADAPTERS]
+            context.state[VERSIONS] = ConfigRecord({"sent": sent, "acked": sent})
+        elif taken != acked or ACKED not in context.state.array_records:
+            raise ValueError(f"the server holds version {taken} of this client's auxiliary models, but it has versions {sent} and {acked} "
+                             "(state lost or restored from an older snapshot?)")
 
     def _batches(self, step: int, count: int) -> tuple[ArrayRecord, int]:
         return records.batch_record(interval_batches(self.data, step, count)), self.num_examples
@@ -120,8 +138,10 @@ class ColaClient:
         else:
             batch, size = self._batches(int(control["step"]), spec.interval)
         content = RecordDict({"batch": batch, "metrics": MetricRecord({"num-examples": size, "partition-id": self.adapter_id})})
-        if control["send-adapter"]:
+        if control["send-adapter"]:  # the server takes them as its copy (merged: of this version)
             content["adapter"] = context.state.array_records[ADAPTERS]
+            if spec.sends_changes:
+                content.metric_records["metrics"]["version"] = self.versions(context)[0]
         return Message(content, reply_to=msg)
 
     def train(self, msg: Message, context: Context) -> Message:
@@ -147,15 +167,19 @@ class ColaClient:
         with FlopCounterMode(display=False) as counter:
             for i, batch_pairs in enumerate(pairs):
                 client.step(batch_pairs, mean_grads=grads if i == len(pairs) - 1 else None)
+        version = {}
         if spec.sends_changes:  # the change since the version the server holds; the client keeps w_acked + Delta, as the server will
             adapter = records.change_record(client.adapters, context.state.array_records[ACKED].to_torch_state_dict(), spec.upload_dtype)
+            sent, acked = self.versions(context)
+            version = {"version": sent + 1}  # the version this reply leaves
+            context.state[VERSIONS] = ConfigRecord({"sent": sent + 1, "acked": acked})
         else:
             adapter = records.adapter_record(client.adapters)
         self.save(context, client)
         metrics = MetricRecord({
             "rows": sum(x.shape[0] for p in pairs for x, _ in list(p.values())[:1]), "flops": int(counter.get_total_flops()),
             "peak-memory-bytes": training.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0, "partition-id": self.adapter_id,
-            **training.accelerator_metrics(self.device),
+            **training.accelerator_metrics(self.device), **version,
         })
         content = RecordDict({"adapter": adapter, "importance": ConfigRecord({layer: client.importance.get(layer, 0.0) for layer in dims})})
         if "next-step" in control:

@@ -19,6 +19,13 @@ from fedcola.fl.screening import reply_problem
 FIT_METRICS = ("rows", "flops", "peak-memory-bytes", "wall-time-s", "partition-id")
 
 
+def version_problem(msg: Message) -> str | None:
+    """A merged-mode reply carrying auxiliary models or their change names the client's version after it
+    (``ColaClient.sync``): an integer >= 0."""
+    version = msg.content.metric_records["metrics"].get("version")
+    return None if isinstance(version, int) and version >= 0 else f"reply's version must be an integer >= 0, got {version!r}"
+
+
 class ReplyCheck:
     """The checks of one ColA strategy, reading its state: the adapter book, batch bounds, the
     interval's layers, skips (``strategies.cola.ColA``: the method packages never import strategies)."""
@@ -53,7 +60,9 @@ class ReplyCheck:
         if problem is None and node not in book.known:
             if "adapter" not in msg.content.array_records:
                 problem = "first query reply lacks the client's auxiliary models"
-            else:
+            elif book.changes is not None:
+                problem = version_problem(msg)
+            if problem is None:
                 problem = wire.check_arrays(msg.content.array_records["adapter"], book.template)
                 problem = problem or book.first_contact_problem(node, msg.content.array_records["adapter"], self.s.max_update_ratio)
         elif problem is None and "adapter" in msg.content.array_records:
@@ -64,12 +73,15 @@ class ReplyCheck:
 
     def train(self, msg: Message, node: int, connected: set[int], prefetching: bool) -> str | None:
         """A train reply: the updated auxiliary models, the owner, and batches only when asked for."""
+        book = self.s.book
         problem = reply_problem(msg, None, required=FIT_METRICS, max_examples=self.s.max_examples)
+        if problem is None and book.changes is not None:
+            problem = version_problem(msg)
         if problem is None:
             adapter = msg.content.array_records.get("adapter")
-            problem = "reply has no 'adapter' ArrayRecord" if adapter is None else self.s.book.reply_problem(adapter)
+            problem = "reply has no 'adapter' ArrayRecord" if adapter is None else book.reply_problem(adapter)
         if problem is None:
-            problem = self.s.book.check_owner(node, int(msg.content.metric_records["metrics"]["partition-id"]), connected)
+            problem = book.check_owner(node, int(msg.content.metric_records["metrics"]["partition-id"]), connected)
         if problem is None and "batch" in msg.content.array_records:
             problem = self.batches(msg, evaluation=False) if prefetching else "reply carries batches nobody asked for"
         return problem

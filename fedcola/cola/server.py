@@ -268,12 +268,20 @@ class ParameterMean:
         if cid in self.n:
             raise ValueError(f"client {cid!r} is already in the mean")
         self.n[cid] = float(n)
-        self.move(cid, w)
+        try:
+            self.move(cid, w)
+        except ValueError:
+            del self.n[cid]
+            raise
 
     def move(self, cid: Hashable, change: Mapping[str, Tensor]) -> None:
-        """S += n_k (w_k' - w_k): client `cid`'s parameters changed by `change`."""
-        for key, value in change.items():
-            self.sum[key].add_(value.to(self.sum[key]), alpha=self.n[cid])
+        """S += n_k (w_k' - w_k): client `cid`'s parameters changed by `change`; a change that would take
+        S / N beyond fp32 raises, S unchanged."""
+        new = {key: self.sum[key] + value.to(self.sum[key]) * self.n[cid] for key, value in change.items()}
+        total = sum(self.n.values())
+        if not all(torch.isfinite((v / total).float()).all() for v in new.values()):
+            raise ValueError("the change makes the parameter mean non-finite")
+        self.sum.update(new)
         self._refresh()
 
     def restore(self, sums: Mapping[str, Tensor], n: Mapping[Hashable, float]) -> None:
