@@ -276,9 +276,9 @@ class ColA(Screened, Strategy):
         return None, MetricRecord({"clients": kept})
 
     def _take_fit(self, node: int, msg: Message) -> bool:
+        self.book.update(node, msg.content.array_records["adapter"], int(msg.content.metric_records["metrics"].get("version", 0)))  # may refuse it
         if "batch" in msg.content.array_records:
             self._prefetched[node] = self._take_batches(node, msg, evaluation=False)
-        self.book.update(node, msg.content.array_records["adapter"], int(msg.content.metric_records["metrics"].get("version", 0)))
         self.costs.add_reply(node, msg.content.metric_records["metrics"], sum(wire.nbytes(r) for r in msg.content.array_records.values()))
         return True
 

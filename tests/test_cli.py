@@ -50,6 +50,7 @@ def _one_line_error(proc, needle):
     (["run", str(GOOD), "--set", 'server.device="tpu"'], "'server.device' must be auto, cpu, cuda or cuda:N"),
     (["run", str(GOOD), "--set", 'client.device="cuda:7"'], "device 'cuda:7'"),  # a device this machine does not have
     (["run", str(GOOD), "--set", 'server.dtype="int8"'], "'server.dtype' must be one of fp32, bf16, fp16"),
+    (["run", str(GOOD), "--set", 'cola.upload-dtype="int8"'], "'cola.upload-dtype' must be one of fp16, fp32, bf16"),
     (["run", str(GOOD), "--set", "data.max-length=513"], "data.max-length=513 is longer than model 'minilm' can read (max_position_embeddings=512)"),
 ])
 def test_bad_config_is_one_clear_line(args, needle):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from tests import helpers
 from fedcola import specs, data, runtime
@@ -143,12 +143,16 @@ def test_bad_fit_replies_are_skipped(cola_config, tmp_path):
     key = next(iter(state))
     bad_shape = Message(RecordDict({"adapter": ArrayRecord({**state, key: torch.zeros(3, 3)}), "metrics": good.content.metric_records["metrics"]}), reply_to=fit_msg)
     inf = Message(RecordDict({"adapter": ArrayRecord({**state, key: torch.full_like(state[key], float("inf"))}), "metrics": good.content.metric_records["metrics"]}), reply_to=fit_msg)
+    versions = [Message(RecordDict({"adapter": good.content.array_records["adapter"], "metrics": MetricRecord(metrics)}), reply_to=fit_msg)
+                for metrics in ({k: v for k, v in good.content.metric_records["metrics"].items() if k != "version"},
+                                {**good.content.metric_records["metrics"], "version": -1}, {**good.content.metric_records["metrics"], "version": 1.5})]
     before = cola_fl.adapter_record(strategy.book.adapters[1]).to_torch_state_dict()
-    _, metrics = strategy.aggregate_train(1, [bad_shape, inf])
+    _, metrics = strategy.aggregate_train(1, [bad_shape, inf, *versions])
     assert metrics["clients"] == 0
     assert all(torch.equal(v, before[k]) for k, v in cola_fl.adapter_record(strategy.book.adapters[1]).to_torch_state_dict().items())
     reasons = [s["reason"] for s in ledger._round["skipped"]]
     assert "shape (3, 3)" in reasons[0] and "NaN or Inf" in reasons[1]
+    assert all("version must be an integer >= 0" in r for r in reasons[2:]) and len(reasons) == 5  # merged replies name their version
 
 
 def test_client_rejects_malformed_pairs(cola_config):
