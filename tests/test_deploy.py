@@ -141,20 +141,22 @@ def test_killed_supernode_run_goes_on_and_restarted_node_resumes_from_its_state(
         assert len({k.split("/", 1)[0] for k in f.keys()}) == 3  # partition 1 once, under its new node id
 
 
-def test_async_lte_merges_on_arrival_on_a_plain_deployment(plain, tiny_assets, tmp_path):
+def test_async_lte_merges_on_arrival_on_warm_supernodes(warm, tiny_assets, tmp_path):
     """Async LTE on the Deployment Engine (push / pull): every reply is merged as it arrives and its
-    sender re-dispatched at once, so a 20x straggler (``lte.slowdown``) merges less often than the
-    others and the run still completes with ``rounds`` x nodes merges."""
+    sender re-dispatched at once, so a 100x straggler (``lte.slowdown``) merges less often than the
+    other node and the run still completes with ``rounds`` x nodes merges. Warm SuperNodes, and a
+    straggler whose sleep (about 15 s) is several exchanges long: on a plain SuperNode every message
+    starts a fresh process (seconds of imports on a loaded machine), which hid a 20x straggler."""
     out = tmp_path / "async"
-    run_id = plain.submit(ROOT, run_config(tiny_assets, "lte", out, 3, rounds=3, local_steps=2, **{"lte.async": True, "lte.slowdown": "0:20"}))
-    assert plain.wait(run_id) == "finished:completed", plain.log("superlink")[-3000:]
+    run_id = warm.submit(ROOT, run_config(tiny_assets, "lte", out, 2, rounds=3, local_steps=2, **{"lte.async": True, "lte.slowdown": "0:100"}))
+    assert warm.wait(run_id) == "finished:completed", warm.log("superlink")[-3000:]
     (ledger_file,) = list(out.rglob("ledger.json"))
     result = ledger.load(ledger_file)
     merges = [m for r in result["rounds"] for m in r["server"].get("merges", [])]
     counts = Counter(m["partition_id"] for m in merges)
-    assert result["status"] == "completed" and len(merges) == 9, merges
-    assert counts[0] < min(counts[1], counts[2]), counts  # the straggler's replies arrive, and merge, less often
-    assert max(m["staleness"] for m in merges) >= 1  # merges happened while others trained
+    assert result["status"] == "completed" and len(merges) == 6, merges
+    assert counts[0] < counts[1], counts  # the straggler's replies arrive, and merge, less often
+    assert max(m["staleness"] for m in merges) >= 1  # merges happened while the other trained
 
 
 @pytest.fixture(scope="module")
