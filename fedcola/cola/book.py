@@ -16,7 +16,7 @@ id (its partition id) is fixed at first contact. Who may claim an id later is th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from logging import INFO
 
 import numpy as np
@@ -33,8 +33,8 @@ from fedcola.fl import wire
 IDENTITIES = ("node", "claim")
 
 
-def _norm(record: ArrayRecord) -> float:
-    return float(sum(v.double().pow(2).sum() for v in record.to_torch_state_dict().values())) ** 0.5
+def _norm(state: Mapping[str, torch.Tensor]) -> float:
+    return float(sum(v.double().pow(2).sum() for v in state.values())) ** 0.5
 
 
 class AdapterBook:
@@ -50,7 +50,7 @@ class AdapterBook:
             raise ValueError("the parameter mean is moved by changes: give their upload dtype")
         self.build, self.identity, self.changes = build, identity, changes
         self.template = records.adapter_record(build())
-        self.template_norm = _norm(self.template)  # what an honest new client's auxiliary models measure
+        self.template_norm = _norm(self.template.to_torch_state_dict())  # what an honest new client's auxiliary models measure
         self.reply_template = self.template if changes is None else wire.pack(self.template.to_torch_state_dict(), changes)
         self.adapters: dict[int, dict[str, Adapter]] = {}  # per client, unless `mean` holds them
         self.mean = ParameterMean(build()) if use_mean else None
@@ -100,19 +100,19 @@ class AdapterBook:
         elif self.mean is not None:
             self.mean.move(node, wire.unpack(record, self.changes))
         else:
-            new = records.applied(records.adapter_record(self.adapters[node]).to_torch_state_dict(), wire.unpack(record, self.changes))
+            new = records.applied(records.adapter_state(self.adapters[node]), wire.unpack(record, self.changes))
             if not all(torch.isfinite(v).all() for v in new.values()):
                 raise ValueError("the change makes the held auxiliary models non-finite")
-            records.load_adapter_record(self.adapters[node], ArrayRecord(new))
+            records.load_adapter_state(self.adapters[node], new)
         self.synced[node], self.taken[node] = True, version
 
     def change_norm(self, node: int, record: ArrayRecord) -> float:
         """||w' - w|| of a train reply against the auxiliary models held for ``node`` (||Delta|| when
         the reply carries the change)."""
         if self.changes is not None:
-            return _norm(ArrayRecord(wire.unpack(record, self.changes)))
+            return _norm(wire.unpack(record, self.changes))
         new = record.to_torch_state_dict()
-        held = records.adapter_record(self.adapters[node]).to_torch_state_dict()
+        held = records.adapter_state(self.adapters[node])
         return float(sum((new[k].double() - held[k].double()).pow(2).sum() for k in held)) ** 0.5
 
     def first_contact_problem(self, node: int, record: ArrayRecord, ratio: float) -> str | None:
@@ -121,11 +121,11 @@ class AdapterBook:
         clients (a client rejoining with trained ones); ``ratio`` <= 0: off."""
         if ratio <= 0:
             return None
-        held = [_norm(records.adapter_record(a)) for n, a in self.adapters.items() if n != node]
+        held = [_norm(records.adapter_state(a)) for n, a in self.adapters.items() if n != node]
         if self.mean is not None and self.mean.n:
-            held.append(_norm(records.adapter_record(self.mean.adapters)))
+            held.append(_norm(records.adapter_state(self.mean.adapters)))
         reference = max(self.template_norm, float(np.median(held)) if held else 0.0)
-        norm = _norm(record)
+        norm = _norm(record.to_torch_state_dict())
         if not norm <= ratio * reference:
             return f"first auxiliary models' norm {norm:.3g} exceeds {ratio:g} x {reference:.3g} (a new client's or the held ones' median)"
         return None
@@ -179,7 +179,7 @@ class AdapterBook:
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Per-client auxiliary models (``adapters/<node>/...``) or the parameter mean's float64 S
         (``mean/...``) as tensors; node -> adapter id, ``synced``, examples, the mean's n_k as JSON."""
-        tensors = {f"adapters/{node}/{k}": v for node, ads in self.adapters.items() for k, v in records.adapter_record(ads).to_torch_state_dict().items()}
+        tensors = {f"adapters/{node}/{k}": v for node, ads in self.adapters.items() for k, v in records.adapter_state(ads).items()}
         keyed = lambda held: {str(n): v for n, v in held.items()}  # noqa: E731  (JSON keys are strings)
         state = {"owner": keyed(self.owner), "synced": keyed(self.synced), "taken": keyed(self.taken), "examples": keyed(self.examples)}
         if self.mean is not None:

@@ -167,15 +167,14 @@ class ColaClient:
         with FlopCounterMode(display=False) as counter:
             for i, batch_pairs in enumerate(pairs):
                 client.step(batch_pairs, mean_grads=grads if i == len(pairs) - 1 else None)
-        version = {}
+        version, change = {}, None
         if spec.sends_changes:  # the change since the version the server holds; the client keeps w_acked + Delta, as the server will
-            adapter = records.change_record(client.adapters, context.state.array_records[ACKED].to_torch_state_dict(), spec.upload_dtype)
+            change = records.change_record(client.adapters, context.state.array_records[ACKED].to_torch_state_dict(), spec.upload_dtype)
             sent, acked = self.versions(context)
             version = {"version": sent + 1}  # the version this reply leaves
             context.state[VERSIONS] = ConfigRecord({"sent": sent + 1, "acked": acked})
-        else:
-            adapter = records.adapter_record(client.adapters)
         self.save(context, client)
+        adapter = context.state.array_records[ADAPTERS] if change is None else change  # the whole models as saved, or merged their change
         metrics = MetricRecord({
             "rows": sum(x.shape[0] for p in pairs for x, _ in list(p.values())[:1]), "flops": int(counter.get_total_flops()),
             "peak-memory-bytes": training.peak_memory_bytes(), "wall-time-s": time.perf_counter() - t0, "partition-id": self.adapter_id,

@@ -13,6 +13,7 @@ Record layouts (DESIGN.md, "ColA round"):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -24,14 +25,22 @@ from fedcola.fl.checkpoint import atomic_save_file
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 
+def adapter_state(adapters: dict[str, ad.Adapter]) -> dict[str, torch.Tensor]:
+    """``"<layer>/<param>"`` -> fp32 host tensor (a view of the parameter where it already is one)."""
+    return {f"{layer}/{name}": p.detach().float().cpu().contiguous() for layer, a in adapters.items() for name, p in a.state_dict().items()}
+
+
 def adapter_record(adapters: dict[str, ad.Adapter]) -> ArrayRecord:
-    return ArrayRecord({f"{layer}/{name}": p.detach().float().cpu().contiguous() for layer, a in adapters.items() for name, p in a.state_dict().items()})
+    return ArrayRecord(adapter_state(adapters))
+
+
+def load_adapter_state(adapters: dict[str, ad.Adapter], state: Mapping[str, torch.Tensor]) -> None:
+    for layer, a in adapters.items():
+        a.load_state_dict({name: state[f"{layer}/{name}"] for name in a.state_dict()})
 
 
 def load_adapter_record(adapters: dict[str, ad.Adapter], record: ArrayRecord) -> None:
-    state = record.to_torch_state_dict()
-    for layer, a in adapters.items():
-        a.load_state_dict({name: state[f"{layer}/{name}"] for name in a.state_dict()})
+    load_adapter_state(adapters, record.to_torch_state_dict())
 
 
 def applied(w: dict[str, torch.Tensor], change: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -43,17 +52,17 @@ def change_record(adapters: dict[str, ad.Adapter], acked: dict[str, torch.Tensor
     """A merged-mode train reply: Delta = w - w_acked packed in ``dtype``. The client's auxiliary models
     become w_acked + unpack(Delta) (``applied``), which is what the server holds once it takes the reply
     (``AdapterBook.update``): the two copies stay bit-identical, whatever ``dtype`` rounds away."""
-    record = wire.pack({k: v - acked[k] for k, v in adapter_record(adapters).to_torch_state_dict().items()}, dtype)
+    record = wire.pack({k: v - acked[k] for k, v in adapter_state(adapters).items()}, dtype)
     change = wire.unpack(record, dtype)
     if not all(torch.isfinite(v).all() for v in change.values()):
         raise ValueError(f"the change of this client's auxiliary models overflows the upload dtype {dtype}")
-    load_adapter_record(adapters, ArrayRecord(applied(acked, change)))
+    load_adapter_state(adapters, applied(acked, change))
     return record
 
 
 def save_adapters(path: Path, by_node: dict[int, dict[str, ad.Adapter]]) -> None:
     """Every client's auxiliary models in one safetensors file, keys ``"<node>/<layer>/<param>"``."""
-    atomic_save_file({f"{node}/{k}": v for node, ads in by_node.items() for k, v in adapter_record(ads).to_torch_state_dict().items()}, path)
+    atomic_save_file({f"{node}/{k}": v for node, ads in by_node.items() for k, v in adapter_state(ads).items()}, path)
 
 
 def batch_record(batches: list[dict[str, torch.Tensor]]) -> ArrayRecord:
